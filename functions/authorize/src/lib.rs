@@ -1,0 +1,134 @@
+//! Middleware mode: `POST /v1/authorize`, called by the origin with its site API key.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::middleware::from_fn;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use http::HeaderMap;
+use payfence_core::domain::Mode;
+use payfence_core::gateway::{AuthorizeRequest, Decision};
+use payfence_core::http::{
+    bearer, decision_headers, json, parse_json, request_context, ApiError, LogFields,
+};
+use payfence_core::{ids, AppState};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    #[serde(default)]
+    token: Option<String>,
+    method: String,
+    path: String,
+    /// The end client's address, if the origin knows it (for the failed-attempt limit).
+    #[serde(default)]
+    client_ip: Option<String>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/authorize", post(authorize))
+        .with_state(state)
+        .layer(from_fn(request_context))
+}
+
+fn valid_method(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 16 && m.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+fn valid_path(p: &str) -> bool {
+    p.starts_with('/') && p.len() <= 4096 && !p.bytes().any(|b| b.is_ascii_control() || b == b' ')
+}
+
+/// The decision body of API.md "Middleware mode".
+pub fn decision_body(d: &Decision) -> serde_json::Value {
+    let resolved = d.limits.is_some();
+    json!({
+        "decision": if d.allowed { "allow" } else { "deny" },
+        "reason": d.reason.map(|r| r.as_str()),
+        "token_id": d.token_id,
+        "plan": d.plan,
+        "limit": d.limits.map(|l| json!({
+            "requests_per_minute": l.requests_per_minute,
+            "monthly_quota": l.monthly_quota,
+        })),
+        "remaining": resolved.then(|| json!({"minute": d.remaining_minute, "quota": d.remaining_quota})),
+        "reset": resolved.then(|| json!({"minute": d.reset_minute, "quota": d.reset_quota})),
+        "retry_after": d.retry_after,
+    })
+}
+
+async fn authorize(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let unauthorized = || {
+        ApiError::Unauthorized(
+            "a valid site API key is required: Authorization: Bearer sk_…".into(),
+        )
+    };
+    let key = bearer(&headers)
+        .filter(|k| ids::is_api_key_shaped(k))
+        .ok_or_else(unauthorized)?;
+    let key = st
+        .store()
+        .key_by_hash(&ids::hash_secret(key))
+        .await?
+        .filter(|k| k.revoked_at.is_none())
+        .ok_or_else(unauthorized)?;
+    let body: AuthorizeBody = parse_json(&body)?;
+    if !valid_method(&body.method) {
+        return Err(ApiError::invalid(
+            "method",
+            "must be an HTTP method in upper case, e.g. GET",
+        ));
+    }
+    if !valid_path(&body.path) {
+        return Err(ApiError::invalid(
+            "path",
+            "must start with / and contain no spaces or control characters",
+        ));
+    }
+    let client_ip = match body.client_ip.as_deref() {
+        None | Some("") => None,
+        Some(ip) => Some(
+            ip.parse()
+                .map_err(|_| ApiError::invalid("client_ip", "must be an IPv4 or IPv6 address"))?,
+        ),
+    };
+    let site = st
+        .gateway
+        .site(&key.site_id)
+        .await?
+        .ok_or_else(unauthorized)?;
+    let d = st
+        .gateway
+        .authorize(AuthorizeRequest {
+            site: &site,
+            token: body.token.as_deref(),
+            method: &body.method,
+            path_and_query: &body.path,
+            client_ip,
+            mode: Mode::Middleware,
+            started,
+        })
+        .await?;
+    let mut res = json(http::StatusCode::OK, &decision_body(&d));
+    decision_headers(res.headers_mut(), &d);
+    res.extensions_mut().insert(LogFields {
+        site_id: Some(site.site.site_id.clone()),
+        token_id: d.token_id.clone(),
+        decision: Some(if d.allowed { "allow" } else { "deny" }),
+        reason: d.reason.map(|r| r.as_str()),
+        auth_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        ..Default::default()
+    });
+    Ok(res.into_response())
+}

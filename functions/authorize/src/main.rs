@@ -1,0 +1,8 @@
+//! The authorize Lambda: the middleware-mode router behind `lambda_http`.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    payfence_core::telemetry::init();
+    let state = payfence_core::AppState::from_env(false)?;
+    lambda_http::run(payfence_authorize::router(state)).await
+}

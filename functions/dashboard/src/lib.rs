@@ -1,0 +1,973 @@
+//! The dashboard API (`/api/*` but health): sites, plans, tokens, API keys,
+//! signing-secret rotation, webhook settings, logs, quota events, the admin audit
+//! trail. Every route needs a Cognito-style JWT; site owners see only their sites.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::{from_fn, from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::StatusCode;
+use payfence_core::auth::{AuthError, Principal, Role};
+use payfence_core::domain::{
+    now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Plan, Reason,
+    Site, Token,
+};
+use payfence_core::http::{bearer, json, request_context, simple_rate_headers, ApiError, ApiJson};
+use payfence_core::limits::{self, period_end_unix, period_of};
+use payfence_core::origin::validate_origin_url;
+use payfence_core::{ids, AppState};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub fn router(state: AppState) -> Router {
+    let site = |p: &str| format!("/api/sites/{{site_id}}{p}");
+    Router::new()
+        .route("/api/sites", post(create_site).get(list_sites))
+        .route(&site(""), get(get_site).patch(update_site))
+        .route(&site("/signing-secret/rotate"), post(rotate_secret))
+        .route(&site("/webhook"), get(get_webhook).put(put_webhook))
+        .route(&site("/plans"), post(create_plan).get(list_plans))
+        .route(&site("/plans/{plan_id}"), get(get_plan).patch(update_plan))
+        .route(&site("/tokens"), post(create_token).get(list_tokens))
+        .route(
+            &site("/tokens/{token_id}"),
+            get(get_token).delete(revoke_token),
+        )
+        .route(&site("/api-keys"), post(create_key).get(list_keys))
+        .route(
+            &site("/api-keys/{key_id}"),
+            axum::routing::delete(revoke_key),
+        )
+        .route(&site("/logs"), get(query_logs))
+        .route(&site("/logs/export"), get(export_logs))
+        .route(&site("/events"), get(list_events))
+        .route("/api/me/tokens", get(my_tokens))
+        .route("/api/audit-trail", get(audit_trail))
+        .layer(from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+        .layer(from_fn(request_context))
+}
+
+/// Verify the JWT, apply the per-user rate limit, and put the [`Principal`] in
+/// the request for handlers.
+async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(verifier) = st.jwt.clone() else {
+        return ApiError::Internal("dashboard started without a JWT verifier".into())
+            .into_response();
+    };
+    let principal = match bearer(req.headers()) {
+        None => Err(AuthError::Missing),
+        Some(t) => verifier.verify(t).await,
+    };
+    let principal = match principal {
+        Ok(p) => p,
+        Err(AuthError::NoRole) => {
+            return ApiError::Forbidden(AuthError::NoRole.to_string()).into_response()
+        }
+        Err(AuthError::KeysUnavailable(e)) => return ApiError::Unavailable(e).into_response(),
+        Err(e) => {
+            let mut res = ApiError::Unauthorized(e.to_string()).into_response();
+            res.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return res;
+        }
+    };
+    let limit = st.config.dashboard_requests_per_second;
+    let reset = now_ms() / 1000 + 1;
+    match st
+        .limiter
+        .check(&format!("dashboard:{}", principal.sub), limit)
+    {
+        Err(retry_after) => {
+            let mut res = ApiError::TooManyRequests { retry_after }.into_response();
+            simple_rate_headers(res.headers_mut(), limit, 0, reset);
+            res
+        }
+        Ok(remaining) => {
+            req.extensions_mut().insert(principal);
+            let mut res = next.run(req).await;
+            simple_rate_headers(res.headers_mut(), limit, remaining, reset);
+            res
+        }
+    }
+}
+
+type P = Extension<Principal>;
+type ApiResult = Result<Response, ApiError>;
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::NotFound(format!("no such {what}"))
+}
+
+/// The site if the principal may manage it: owners their own, admins any;
+/// another owner's site is 404 (its existence is not revealed).
+async fn managed_site(st: &AppState, p: &Principal, site_id: &str) -> Result<Site, ApiError> {
+    if p.role == Role::Consumer {
+        return Err(ApiError::Forbidden("consumers cannot manage sites".into()));
+    }
+    if !ids::is_id(site_id, "site_") {
+        return Err(not_found("site"));
+    }
+    match st.store().get_site(site_id).await? {
+        Some(s) if p.role == Role::Admin || s.owner == p.sub => Ok(s),
+        _ => Err(not_found("site")),
+    }
+}
+
+async fn trail(
+    st: &AppState,
+    p: &Principal,
+    action: &str,
+    site_id: Option<&str>,
+    target: Option<&str>,
+) -> Result<(), ApiError> {
+    let now = now_ms();
+    st.store()
+        .record_admin(&AdminEvent {
+            id: ids::event_id(),
+            ts_ms: now,
+            timestamp: rfc3339_ms(now),
+            actor: p.sub.clone(),
+            role: p.role.as_str().into(),
+            action: action.into(),
+            site_id: site_id.map(Into::into),
+            target: target.map(Into::into),
+        })
+        .await?;
+    tracing::info!(target: "payfence::admin", actor = %p.sub, action, site_id, target, "admin change");
+    Ok(())
+}
+
+fn site_view(s: &Site) -> Value {
+    json!({
+        "site_id": s.site_id,
+        "name": s.name,
+        "owner": s.owner,
+        "origin_url": s.origin_url,
+        "proxy_path": format!("/p/{}", s.site_id),
+        "site_requests_per_second": s.site_requests_per_second,
+        "replay_window_seconds": s.replay_window_seconds,
+        "failed_attempts_per_minute": s.failed_attempts_per_minute,
+        "secret_query_params": s.secret_query_params,
+        "webhook_url": s.webhook_url,
+        "previous_secret_valid_until": s.previous_valid_until,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    })
+}
+
+fn check_range(field: &str, v: u64, min: u64, max: u64) -> Result<u64, ApiError> {
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("must be between {min} and {max}"),
+        ))
+    }
+}
+
+fn check_name(field: &str, v: &str, max: usize) -> Result<String, ApiError> {
+    let v = v.trim();
+    if v.is_empty() || v.chars().count() > max || v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {max} characters, without control characters"),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+fn check_origin(st: &AppState, v: &str) -> Result<String, ApiError> {
+    validate_origin_url(v, st.config.allow_http_origins)
+        .map_err(|e| ApiError::invalid("origin_url", e))
+}
+
+fn check_params(v: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if v.len() > 32
+        || v.iter()
+            .any(|p| p.is_empty() || p.len() > 64 || p.contains(['&', '=', '?']))
+    {
+        return Err(ApiError::invalid(
+            "secret_query_params",
+            "up to 32 parameter names, each 1-64 characters without & = ?",
+        ));
+    }
+    Ok(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSite {
+    name: String,
+    origin_url: String,
+    site_requests_per_second: Option<u64>,
+    replay_window_seconds: Option<u64>,
+    failed_attempts_per_minute: Option<u64>,
+    secret_query_params: Option<Vec<String>>,
+}
+
+async fn create_site(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiJson(b): ApiJson<CreateSite>,
+) -> ApiResult {
+    if p.role == Role::Consumer {
+        return Err(ApiError::Forbidden("consumers cannot create sites".into()));
+    }
+    let now = now_ms() / 1000;
+    let site_id = ids::site_id();
+    let secret = ids::signing_secret();
+    let site = Site {
+        name: check_name("name", &b.name, 100)?,
+        origin_url: check_origin(&st, &b.origin_url)?,
+        site_requests_per_second: check_range(
+            "site_requests_per_second",
+            b.site_requests_per_second
+                .unwrap_or(limits::DEFAULT_SITE_REQUESTS_PER_SECOND),
+            1,
+            100_000,
+        )?,
+        replay_window_seconds: check_range(
+            "replay_window_seconds",
+            b.replay_window_seconds.unwrap_or(300),
+            30,
+            3600,
+        )?,
+        failed_attempts_per_minute: check_range(
+            "failed_attempts_per_minute",
+            b.failed_attempts_per_minute
+                .unwrap_or(limits::DEFAULT_FAILED_ATTEMPTS_PER_MINUTE),
+            1,
+            10_000,
+        )?,
+        secret_query_params: check_params(b.secret_query_params.unwrap_or_default())?,
+        signing_secret_sealed: st.gateway.sealing().seal(&secret, &site_id),
+        previous_secret_sealed: None,
+        previous_valid_until: None,
+        webhook_url: None,
+        webhook_secret_sealed: None,
+        owner: p.sub.clone(),
+        site_id,
+        created_at: now,
+        updated_at: now,
+    };
+    st.store().create_site(&site).await?;
+    trail(&st, &p, "site.create", Some(&site.site_id), None).await?;
+    let mut v = site_view(&site);
+    v["signing_secret"] = json!(secret);
+    Ok(json(StatusCode::CREATED, &v))
+}
+
+async fn list_sites(State(st): State<AppState>, Extension(p): P) -> ApiResult {
+    let sites = match p.role {
+        Role::Admin => st.store().list_sites(None).await?,
+        Role::SiteOwner => st.store().list_sites(Some(&p.sub)).await?,
+        Role::Consumer => return Err(ApiError::Forbidden("consumers cannot list sites".into())),
+    };
+    Ok(json(
+        StatusCode::OK,
+        &json!({"items": sites.iter().map(site_view).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn get_site(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    let site = managed_site(&st, &p, &site_id).await?;
+    Ok(json(StatusCode::OK, &site_view(&site)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateSite {
+    name: Option<String>,
+    origin_url: Option<String>,
+    site_requests_per_second: Option<u64>,
+    replay_window_seconds: Option<u64>,
+    failed_attempts_per_minute: Option<u64>,
+    secret_query_params: Option<Vec<String>>,
+}
+
+async fn update_site(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    ApiJson(b): ApiJson<UpdateSite>,
+) -> ApiResult {
+    let mut site = managed_site(&st, &p, &site_id).await?;
+    if let Some(v) = b.name {
+        site.name = check_name("name", &v, 100)?;
+    }
+    if let Some(v) = b.origin_url {
+        site.origin_url = check_origin(&st, &v)?;
+    }
+    if let Some(v) = b.site_requests_per_second {
+        site.site_requests_per_second = check_range("site_requests_per_second", v, 1, 100_000)?;
+    }
+    if let Some(v) = b.replay_window_seconds {
+        site.replay_window_seconds = check_range("replay_window_seconds", v, 30, 3600)?;
+    }
+    if let Some(v) = b.failed_attempts_per_minute {
+        site.failed_attempts_per_minute = check_range("failed_attempts_per_minute", v, 1, 10_000)?;
+    }
+    if let Some(v) = b.secret_query_params {
+        site.secret_query_params = check_params(v)?;
+    }
+    site.updated_at = now_ms() / 1000;
+    st.store().update_site(&site).await?;
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "site.update", Some(&site_id), None).await?;
+    Ok(json(StatusCode::OK, &site_view(&site)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    overlap_seconds: Option<u64>,
+}
+
+async fn rotate_secret(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    body: bytes::Bytes,
+) -> ApiResult {
+    let mut site = managed_site(&st, &p, &site_id).await?;
+    // The body is optional: empty means the default overlap.
+    let b: Rotate = if body.iter().all(u8::is_ascii_whitespace) {
+        Rotate::default()
+    } else {
+        payfence_core::http::parse_json(&body)?
+    };
+    let overlap = check_range(
+        "overlap_seconds",
+        b.overlap_seconds.unwrap_or(st.config.rotation_overlap_secs),
+        0,
+        7 * 86_400,
+    )?;
+    let now = now_ms() / 1000;
+    let secret = ids::signing_secret();
+    site.previous_secret_sealed = Some(std::mem::replace(
+        &mut site.signing_secret_sealed,
+        st.gateway.sealing().seal(&secret, &site_id),
+    ));
+    site.previous_valid_until = Some(now + overlap);
+    site.updated_at = now;
+    st.store().update_site(&site).await?;
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "site.rotate_signing_secret", Some(&site_id), None).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"signing_secret": secret, "previous_valid_until": site.previous_valid_until}),
+    ))
+}
+
+async fn get_webhook(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    let site = managed_site(&st, &p, &site_id).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"url": site.webhook_url, "has_secret": site.webhook_secret_sealed.is_some()}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutWebhook {
+    url: Option<String>,
+    #[serde(default)]
+    rotate_secret: bool,
+}
+
+/// Set (or clear, with `url: null`) the quota-warning webhook URL. A signing
+/// secret is generated the first time, or on `rotate_secret`, and shown once.
+async fn put_webhook(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    ApiJson(b): ApiJson<PutWebhook>,
+) -> ApiResult {
+    let mut site = managed_site(&st, &p, &site_id).await?;
+    site.webhook_url = match b.url {
+        Some(u) => Some(
+            validate_origin_url(&u, st.config.allow_http_origins)
+                .map_err(|e| ApiError::invalid("url", e))?,
+        ),
+        None => None,
+    };
+    let mut shown = None;
+    if site.webhook_url.is_some() && (site.webhook_secret_sealed.is_none() || b.rotate_secret) {
+        let secret = ids::webhook_secret();
+        site.webhook_secret_sealed = Some(st.gateway.sealing().seal(&secret, &site_id));
+        shown = Some(secret);
+    }
+    site.updated_at = now_ms() / 1000;
+    st.store().update_site(&site).await?;
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "site.webhook", Some(&site_id), None).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"url": site.webhook_url, "secret": shown}),
+    ))
+}
+
+fn plan_view(pl: &Plan) -> Value {
+    json!({
+        "plan_id": pl.plan_id, "site_id": pl.site_id, "name": pl.name,
+        "requests_per_minute": pl.requests_per_minute, "monthly_quota": pl.monthly_quota,
+        "created_at": pl.created_at, "updated_at": pl.updated_at,
+    })
+}
+
+fn check_plan_name(v: &str) -> Result<String, ApiError> {
+    let v = v.trim();
+    if v.is_empty()
+        || v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" _.-".contains(&b))
+    {
+        return Err(ApiError::invalid(
+            "name",
+            "must be 1 to 64 characters: letters, digits, space, _ . -",
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+fn check_rpm(v: u64) -> Result<u64, ApiError> {
+    check_range(
+        "requests_per_minute",
+        v,
+        limits::MIN_REQUESTS_PER_MINUTE,
+        limits::MAX_REQUESTS_PER_MINUTE,
+    )
+}
+
+fn check_quota(v: u64) -> Result<u64, ApiError> {
+    check_range("monthly_quota", v, 1, 1_000_000_000_000)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreatePlan {
+    name: String,
+    requests_per_minute: u64,
+    monthly_quota: u64,
+}
+
+async fn create_plan(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    ApiJson(b): ApiJson<CreatePlan>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let now = now_ms() / 1000;
+    let plan = Plan {
+        plan_id: ids::plan_id(),
+        site_id: site_id.clone(),
+        name: check_plan_name(&b.name)?,
+        requests_per_minute: check_rpm(b.requests_per_minute)?,
+        monthly_quota: check_quota(b.monthly_quota)?,
+        created_at: now,
+        updated_at: now,
+    };
+    st.store().put_plan(&plan).await?;
+    trail(&st, &p, "plan.create", Some(&site_id), Some(&plan.plan_id)).await?;
+    Ok(json(StatusCode::CREATED, &plan_view(&plan)))
+}
+
+async fn list_plans(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let plans = st.store().list_plans(&site_id).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"items": plans.iter().map(plan_view).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn find_plan(st: &AppState, site_id: &str, plan_id: &str) -> Result<Plan, ApiError> {
+    if !ids::is_id(plan_id, "plan_") {
+        return Err(not_found("plan"));
+    }
+    st.store()
+        .get_plan(site_id, plan_id)
+        .await?
+        .ok_or_else(|| not_found("plan"))
+}
+
+async fn get_plan(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path((site_id, plan_id)): Path<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    Ok(json(
+        StatusCode::OK,
+        &plan_view(&find_plan(&st, &site_id, &plan_id).await?),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdatePlan {
+    name: Option<String>,
+    requests_per_minute: Option<u64>,
+    monthly_quota: Option<u64>,
+}
+
+async fn update_plan(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path((site_id, plan_id)): Path<(String, String)>,
+    ApiJson(b): ApiJson<UpdatePlan>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let mut plan = find_plan(&st, &site_id, &plan_id).await?;
+    if let Some(v) = b.name {
+        plan.name = check_plan_name(&v)?;
+    }
+    if let Some(v) = b.requests_per_minute {
+        plan.requests_per_minute = check_rpm(v)?;
+    }
+    if let Some(v) = b.monthly_quota {
+        plan.monthly_quota = check_quota(v)?;
+    }
+    plan.updated_at = now_ms() / 1000;
+    st.store().put_plan(&plan).await?;
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "plan.update", Some(&site_id), Some(&plan_id)).await?;
+    Ok(json(StatusCode::OK, &plan_view(&plan)))
+}
+
+fn token_view(t: &Token) -> Value {
+    json!({
+        "token_id": t.token_id, "site_id": t.site_id, "plan_id": t.plan_id, "label": t.label,
+        "consumer": t.consumer, "created_at": t.created_at, "revoked_at": t.revoked_at,
+        "status": if t.revoked_at.is_some() { "revoked" } else { "active" },
+    })
+}
+
+async fn token_with_usage(st: &AppState, t: &Token) -> Result<Value, ApiError> {
+    let now = now_ms();
+    let usage = st.store().token_usage(&t.token_id).await?;
+    let plan = st.store().get_plan(&t.site_id, &t.plan_id).await?;
+    let quota = usage.quota.at(now);
+    let mut v = token_view(t);
+    v["usage"] = json!({
+        "period": period_of(now),
+        "used": quota.used,
+        "monthly_quota": plan.as_ref().map(|p| p.monthly_quota),
+        "remaining": plan.as_ref().map(|p| p.monthly_quota.saturating_sub(quota.used)),
+        "resets_at": period_end_unix(period_of(now)),
+        "last_minute": usage.window.used(now),
+        "requests_per_minute": plan.as_ref().map(|p| p.requests_per_minute),
+    });
+    Ok(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    plan_id: String,
+    label: Option<String>,
+    /// `sub` of the consumer user who may see this token's usage.
+    consumer: Option<String>,
+}
+
+async fn create_token(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    ApiJson(b): ApiJson<CreateToken>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    find_plan(&st, &site_id, &b.plan_id)
+        .await
+        .map_err(|_| ApiError::invalid("plan_id", "no such plan on this site"))?;
+    let secret = ids::consumer_token();
+    let token = Token {
+        token_id: ids::token_id(),
+        site_id: site_id.clone(),
+        plan_id: b.plan_id,
+        token_hash: ids::hash_secret(&secret),
+        label: b.label.map(|l| check_name("label", &l, 100)).transpose()?,
+        consumer: b
+            .consumer
+            .map(|c| check_name("consumer", &c, 128))
+            .transpose()?,
+        created_at: now_ms() / 1000,
+        revoked_at: None,
+    };
+    st.store().create_token(&token).await?;
+    trail(
+        &st,
+        &p,
+        "token.create",
+        Some(&site_id),
+        Some(&token.token_id),
+    )
+    .await?;
+    let mut v = token_view(&token);
+    v["token"] = json!(secret);
+    Ok(json(StatusCode::CREATED, &v))
+}
+
+async fn list_tokens(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let tokens = st.store().list_tokens(&site_id).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"items": tokens.iter().map(token_view).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn find_token(st: &AppState, site_id: &str, token_id: &str) -> Result<Token, ApiError> {
+    if !ids::is_id(token_id, "tok_") {
+        return Err(not_found("token"));
+    }
+    st.store()
+        .get_token(site_id, token_id)
+        .await?
+        .ok_or_else(|| not_found("token"))
+}
+
+async fn get_token(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path((site_id, token_id)): Path<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let t = find_token(&st, &site_id, &token_id).await?;
+    Ok(json(StatusCode::OK, &token_with_usage(&st, &t).await?))
+}
+
+async fn revoke_token(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path((site_id, token_id)): Path<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    find_token(&st, &site_id, &token_id).await?;
+    st.store()
+        .revoke_token(&site_id, &token_id, now_ms() / 1000)
+        .await?
+        .ok_or_else(|| not_found("token"))?;
+    trail(&st, &p, "token.revoke", Some(&site_id), Some(&token_id)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn key_view(k: &ApiKey) -> Value {
+    json!({"key_id": k.key_id, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at})
+}
+
+async fn create_key(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let secret = ids::api_key();
+    let key = ApiKey {
+        key_id: ids::key_id(),
+        site_id: site_id.clone(),
+        key_hash: ids::hash_secret(&secret),
+        prefix: secret[..7].to_owned(),
+        created_at: now_ms() / 1000,
+        revoked_at: None,
+    };
+    st.store().create_key(&key).await?;
+    trail(&st, &p, "api_key.create", Some(&site_id), Some(&key.key_id)).await?;
+    let mut v = key_view(&key);
+    v["key"] = json!(secret);
+    Ok(json(StatusCode::CREATED, &v))
+}
+
+async fn list_keys(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let keys = st.store().list_keys(&site_id).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"items": keys.iter().map(key_view).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn revoke_key(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path((site_id, key_id)): Path<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    if !ids::is_id(&key_id, "key_") {
+        return Err(not_found("API key"));
+    }
+    st.store()
+        .revoke_key(&site_id, &key_id, now_ms() / 1000)
+        .await?
+        .ok_or_else(|| not_found("API key"))?;
+    trail(&st, &p, "api_key.revoke", Some(&site_id), Some(&key_id)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `from`/`to`: RFC 3339, or unix seconds.
+fn parse_time(field: &str, v: &str) -> Result<u64, ApiError> {
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(secs.saturating_mul(1000));
+    }
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .map_err(|_| {
+            ApiError::invalid(
+                field,
+                "must be RFC 3339 (2026-01-31T14:22:08Z) or unix seconds",
+            )
+        })
+}
+
+fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
+    let get = |k: &str| q.get(k).map(|s| s.as_str()).filter(|s| !s.is_empty());
+    Ok(AuditFilter {
+        token_id: get("token_id").map(Into::into),
+        plan: get("plan").map(Into::into),
+        decision: match get("decision") {
+            None => None,
+            Some("allow") => Some(DecisionKind::Allow),
+            Some("deny") => Some(DecisionKind::Deny),
+            Some(_) => return Err(ApiError::invalid("decision", "must be allow or deny")),
+        },
+        reason: get("reason")
+            .map(|r| Reason::parse(r).ok_or_else(|| ApiError::invalid("reason", "unknown reason")))
+            .transpose()?,
+        from_ms: get("from").map(|v| parse_time("from", v)).transpose()?,
+        to_ms: get("to").map(|v| parse_time("to", v)).transpose()?,
+        path_prefix: get("path_prefix").map(Into::into),
+    })
+}
+
+async fn query_logs(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let filter = parse_filter(&q)?;
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::invalid("limit", "must be between 1 and 1000"))?,
+    };
+    let page = st
+        .store()
+        .query_audit(
+            &site_id,
+            &filter,
+            limit,
+            q.get("cursor").map(|c| c.as_str()),
+        )
+        .await
+        .map_err(|e| match e {
+            payfence_core::store::StoreError::Corrupt(m) if m == "invalid cursor" => {
+                ApiError::invalid("cursor", "not a cursor from this query")
+            }
+            other => other.into(),
+        })?;
+    Ok(json(StatusCode::OK, &page))
+}
+
+const CSV_COLUMNS: [&str; 12] = [
+    "id",
+    "timestamp",
+    "site_id",
+    "token_id",
+    "plan",
+    "method",
+    "path",
+    "decision",
+    "reason",
+    "remaining",
+    "latency_ms",
+    "mode",
+];
+
+fn csv_cell(v: &Value) -> String {
+    let s = match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    // Neutralise spreadsheet formulas; quote when needed.
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+fn csv_row(r: &AuditRecord) -> String {
+    let v = serde_json::to_value(r).unwrap_or_default();
+    let mut line = CSV_COLUMNS
+        .iter()
+        .map(|c| csv_cell(&v[*c]))
+        .collect::<Vec<_>>()
+        .join(",");
+    line.push('\n');
+    line
+}
+
+/// Streams every matching record, newest first, page by page.
+async fn export_logs(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let filter = Arc::new(parse_filter(&q)?);
+    let csv = match q.get("format").map(|s| s.as_str()) {
+        None | Some("ndjson") => false,
+        Some("csv") => true,
+        Some(_) => return Err(ApiError::invalid("format", "must be ndjson or csv")),
+    };
+    let header = csv.then(|| format!("{}\n", CSV_COLUMNS.join(",")));
+    let store = st.store().clone();
+    // State: (cursor, first page, done).
+    let stream = futures_util::stream::unfold(
+        (None::<String>, header, false),
+        move |(cursor, header, done)| {
+            let store = store.clone();
+            let filter = filter.clone();
+            let site_id = site_id.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let page = match store
+                    .query_audit(&site_id, &filter, 500, cursor.as_deref())
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "log export failed mid-stream");
+                        return Some((
+                            Err(std::io::Error::other("store unavailable")),
+                            (None, None, true),
+                        ));
+                    }
+                };
+                let mut chunk = header.unwrap_or_default();
+                for r in &page.items {
+                    if csv {
+                        chunk.push_str(&csv_row(r));
+                    } else {
+                        chunk.push_str(&serde_json::to_string(r).unwrap_or_default());
+                        chunk.push('\n');
+                    }
+                }
+                let done = page.next_cursor.is_none();
+                Some((
+                    Ok(bytes::Bytes::from(chunk)),
+                    (page.next_cursor, None, done),
+                ))
+            }
+        },
+    );
+    let mut res = Response::new(Body::from_stream(stream));
+    let (ctype, ext) = if csv {
+        ("text/csv; charset=utf-8", "csv")
+    } else {
+        ("application/x-ndjson", "ndjson")
+    };
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"payfence-logs.{ext}\"")) {
+        res.headers_mut()
+            .insert(http::header::CONTENT_DISPOSITION, v);
+    }
+    Ok(res)
+}
+
+async fn list_events(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Path(site_id): Path<String>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let events = st.store().list_events(&site_id).await?;
+    Ok(json(StatusCode::OK, &json!({"items": events})))
+}
+
+/// A consumer's own tokens (any role may call it for the tokens assigned to it).
+async fn my_tokens(State(st): State<AppState>, Extension(p): P) -> ApiResult {
+    let tokens = st.store().list_consumer_tokens(&p.sub).await?;
+    let mut items = Vec::with_capacity(tokens.len());
+    for t in &tokens {
+        items.push(token_with_usage(&st, t).await?);
+    }
+    Ok(json(StatusCode::OK, &json!({"items": items})))
+}
+
+/// The admin audit trail: admins see every change, owners the changes to their sites.
+async fn audit_trail(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100usize)
+        .clamp(1, 1000);
+    let events = match p.role {
+        Role::Admin => st.store().list_admin(limit, None).await?,
+        Role::SiteOwner => {
+            let ids: Vec<String> = st
+                .store()
+                .list_sites(Some(&p.sub))
+                .await?
+                .into_iter()
+                .map(|s| s.site_id)
+                .collect();
+            st.store().list_admin(limit, Some(&ids)).await?
+        }
+        Role::Consumer => {
+            return Err(ApiError::Forbidden(
+                "consumers cannot read the audit trail".into(),
+            ))
+        }
+    };
+    Ok(json(StatusCode::OK, &json!({"items": events})))
+}

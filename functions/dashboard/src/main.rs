@@ -1,0 +1,8 @@
+//! The dashboard Lambda (JWT-protected `/api/*`).
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    payfence_core::telemetry::init();
+    let state = payfence_core::AppState::from_env(true)?;
+    lambda_http::run(payfence_dashboard::router(state)).await
+}

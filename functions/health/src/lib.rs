@@ -1,0 +1,46 @@
+//! `GET /api/health`: a real round trip to the store.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::middleware::from_fn;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use http::StatusCode;
+use payfence_core::http::{json, request_context};
+use payfence_core::AppState;
+use serde_json::json;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .with_state(state)
+        .layer(from_fn(request_context))
+}
+
+async fn health(State(st): State<AppState>) -> Response {
+    let started = Instant::now();
+    let probe = tokio::time::timeout(Duration::from_secs(3), st.store().ping()).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let version = env!("CARGO_PKG_VERSION");
+    match probe {
+        Ok(Ok(())) => json(
+            StatusCode::OK,
+            &json!({"status": "ok", "checks": {"store": {"status": "ok", "latency_ms": latency_ms}}, "version": version}),
+        ),
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "health: store check failed");
+                    "store unreachable"
+                }
+                _ => "store timed out",
+            };
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "degraded", "checks": {"store": {"status": "error", "latency_ms": latency_ms, "error": error}}, "version": version}),
+            )
+        }
+    }
+}

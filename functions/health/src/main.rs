@@ -1,0 +1,8 @@
+//! The health Lambda.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    payfence_core::telemetry::init();
+    let state = payfence_core::AppState::from_env(false)?;
+    lambda_http::run(payfence_health::router(state)).await
+}

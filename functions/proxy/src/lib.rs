@@ -1,0 +1,317 @@
+//! Proxy mode: `ANY /p/{site_id}/{path…}`. Authorizes, then forwards to the hidden
+//! origin with a PayFence signature, streaming bodies both ways (never buffered,
+//! stored or logged).
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::from_fn;
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
+use http::{HeaderMap, Uri};
+use payfence_core::domain::{now_ms, Mode};
+use payfence_core::gateway::{AuthorizeRequest, Decision};
+use payfence_core::http::{
+    bearer, client_ip, decision_headers, problem, request_context, ApiError, LogFields, RequestId,
+};
+use payfence_core::origin::{origin_client, OriginClient};
+use payfence_core::{ids, AppState};
+use serde_json::json;
+
+/// Header a consumer may use for its token, so its own `Authorization` reaches the origin.
+pub const TOKEN_HEADER: &str = "x-payfence-token";
+
+#[derive(Clone)]
+struct ProxyState {
+    app: AppState,
+    client: OriginClient,
+    timeout: Duration,
+}
+
+pub fn router(state: AppState) -> Router {
+    let client = origin_client(
+        state.config.allow_http_origins,
+        state.config.origin_connect_timeout,
+    );
+    let timeout = state.config.origin_timeout;
+    Router::new()
+        .route("/p/{site_id}", any(proxy))
+        .route("/p/{site_id}/", any(proxy))
+        .route("/p/{site_id}/{*rest}", any(proxy))
+        .with_state(ProxyState {
+            app: state,
+            client,
+            timeout,
+        })
+        .layer(from_fn(request_context))
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers, including those named in `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        h.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+}
+
+/// Is any segment `.` or `..`, also percent-encoded?
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let s = seg.to_ascii_lowercase().replace("%2e", ".");
+        s == "." || s == ".."
+    })
+}
+
+fn denial(d: &Decision) -> Response {
+    let reason = d.reason.map(|r| r.as_str()).unwrap_or("denied");
+    let detail = match d.reason {
+        Some(r) => match r.as_str() {
+            "missing_token" => {
+                "a token is required: Authorization: Bearer <token> or X-PayFence-Token"
+            }
+            "invalid_token" if d.wrong_site => "this token belongs to another site",
+            "invalid_token" => "unknown token",
+            "token_revoked" => "this token has been revoked",
+            "rate_limited" => "the plan's per-minute rate limit is reached",
+            "quota_exceeded" => "the plan's monthly quota is used up",
+            _ => "the site's rate limit is reached",
+        },
+        None => "denied",
+    };
+    let mut res = problem(
+        d.status(),
+        reason.replace('_', "-").as_str(),
+        detail,
+        Some(json!({"reason": reason})),
+    );
+    decision_headers(res.headers_mut(), d);
+    res
+}
+
+async fn proxy(State(st): State<ProxyState>, req: Request) -> Response {
+    let started = Instant::now();
+    let mut log = LogFields::default();
+    let mut res = match handle(&st, req, started, &mut log).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    };
+    res.extensions_mut().insert(log);
+    res
+}
+
+async fn handle(
+    st: &ProxyState,
+    req: Request,
+    started: Instant,
+    log: &mut LogFields,
+) -> Result<Response, ApiError> {
+    // Use the raw path: the origin must receive the path exactly as sent.
+    let raw = req
+        .uri()
+        .path()
+        .strip_prefix("/p/")
+        .unwrap_or_default()
+        .to_owned();
+    let (site_id, rest) = match raw.find('/') {
+        Some(i) => (&raw[..i], &raw[i..]),
+        None => (raw.as_str(), "/"),
+    };
+    if !ids::is_id(site_id, "site_") {
+        return Err(ApiError::NotFound("unknown site".into()));
+    }
+    if has_dot_segment(rest) {
+        return Err(ApiError::BadRequest(
+            "path must not contain . or .. segments".into(),
+        ));
+    }
+    let site = st
+        .app
+        .gateway
+        .site(site_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("unknown site".into()))?;
+    log.site_id = Some(site_id.to_owned());
+    let rest_and_query = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_owned(),
+    };
+
+    let via_header = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .map(|v| v.to_str().unwrap_or("").to_owned());
+    let token = via_header
+        .clone()
+        .or_else(|| bearer(req.headers()).map(str::to_owned));
+    let decision = st
+        .app
+        .gateway
+        .authorize(AuthorizeRequest {
+            site: &site,
+            token: token.as_deref(),
+            method: req.method().as_str(),
+            path_and_query: &rest_and_query,
+            client_ip: client_ip(&req),
+            mode: Mode::Proxy,
+            started,
+        })
+        .await?;
+    let auth_done = Instant::now();
+    log.auth_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    log.token_id = decision.token_id.clone();
+    log.decision = Some(if decision.allowed { "allow" } else { "deny" });
+    log.reason = decision.reason.map(|r| r.as_str());
+    if !decision.allowed {
+        return Ok(denial(&decision));
+    }
+
+    // Build the upstream request.
+    let origin: Uri =
+        site.site.origin_url.parse().map_err(|_| {
+            ApiError::Internal(format!("site {site_id} has an unparsable origin_url"))
+        })?;
+    let base = origin.path().trim_end_matches('/');
+    let path_and_query = format!("{base}{rest_and_query}");
+    let uri = Uri::builder()
+        .scheme(origin.scheme_str().unwrap_or("https"))
+        .authority(origin.authority().map(|a| a.as_str()).unwrap_or_default())
+        .path_and_query(path_and_query.as_str())
+        .build()
+        .map_err(|_| ApiError::BadRequest("the request target cannot be forwarded".into()))?;
+
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let (mut parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    headers.remove(HOST);
+    if via_header.is_some() {
+        headers.remove(TOKEN_HEADER);
+    } else {
+        headers.remove(AUTHORIZATION);
+    }
+    // Nothing a client sends may pass for a PayFence header.
+    let spoofable: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-payfence-"))
+        .cloned()
+        .collect();
+    for k in spoofable {
+        headers.remove(k);
+    }
+    let now_s = now_ms() / 1000;
+    let signature = payfence_signing::sign(
+        &site.signing_secrets(now_s),
+        method.as_str(),
+        &path_and_query,
+        now_s,
+    );
+    let add = |h: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    add(
+        headers,
+        payfence_signing::TIMESTAMP_HEADER,
+        &now_s.to_string(),
+    );
+    add(headers, payfence_signing::SIGNATURE_HEADER, &signature);
+    add(
+        headers,
+        "x-payfence-token-id",
+        decision.token_id.as_deref().unwrap_or_default(),
+    );
+    add(
+        headers,
+        "x-payfence-plan",
+        decision.plan.as_deref().unwrap_or_default(),
+    );
+    add(headers, "x-payfence-request-id", &request_id);
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    parts.extensions = Default::default();
+    let upstream = http::Request::from_parts(parts, body);
+
+    let result = tokio::time::timeout(st.timeout, st.client.request(upstream)).await;
+    log.origin_ms = Some(auth_done.elapsed().as_secs_f64() * 1000.0);
+    let mut res = match result {
+        Err(_) => {
+            tracing::warn!(site_id, "origin timed out");
+            let mut r = ApiError::GatewayTimeout("the origin did not answer in time".into())
+                .into_response();
+            decision_headers(r.headers_mut(), &decision);
+            return Ok(r);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(site_id, error = %e, connect = e.is_connect(), "origin unreachable");
+            let mut r =
+                ApiError::BadGateway("the origin could not be reached".into()).into_response();
+            decision_headers(r.headers_mut(), &decision);
+            return Ok(r);
+        }
+        Ok(Ok(res)) => res.map(Body::new),
+    };
+    strip_hop_by_hop(res.headers_mut());
+    decision_headers(res.headers_mut(), &decision);
+    log.relayed = true;
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments() {
+        for bad in ["/..", "/a/../b", "/%2e%2e/x", "/%2E./x", "/./a", "/a/%2e"] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for ok in ["/", "/a/b", "/a..b", "/...", "/v1/file.txt"] {
+            assert!(!has_dot_segment(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,318 @@
+//! `payfence-local`: every PayFence function's routes on one port, on the embedded
+//! store in a data directory, with its own JWT issuer for the dashboard.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::middleware::from_fn;
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{EncodingKey, Header};
+use payfence_core::auth::{IssuedClaims, JwtVerifier, Role};
+use payfence_core::config::Config;
+use payfence_core::domain::{now_ms, Plan, Site, Token};
+use payfence_core::http::request_context;
+use payfence_core::seal::SealingKey;
+use payfence_core::state::load_or_create_key;
+use payfence_core::store::embedded::EmbeddedStore;
+use payfence_core::{ids, AppState};
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use rsa::traits::PublicKeyParts;
+use rsa::RsaPrivateKey;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+/// `iss` of locally issued tokens.
+pub const ISSUER: &str = "payfence-local";
+/// `client_id` (audience) of locally issued tokens.
+pub const AUDIENCE: &str = "payfence-dashboard";
+
+/// The local JWT issuer: an RSA key kept in the data directory (mode 0600).
+pub struct Issuer {
+    key: EncodingKey,
+    kid: String,
+    pub jwks: JwkSet,
+}
+
+impl Issuer {
+    pub fn load_or_create(data_dir: &Path) -> anyhow_like::Result<Self> {
+        let path = data_dir.join("jwt-signing-key.pem");
+        let private = match std::fs::read_to_string(&path) {
+            Ok(pem) => RsaPrivateKey::from_pkcs8_pem(&pem)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key =
+                    RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).map_err(|e| e.to_string())?;
+                let pem = key
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| e.to_string())?;
+                write_private(&path, pem.as_bytes())?;
+                key
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display()).into()),
+        };
+        let pem = private
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| e.to_string())?;
+        let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        let public = private.to_public_key();
+        let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
+        let e = URL_SAFE_NO_PAD.encode(public.e().to_bytes_be());
+        let kid = ids::hash_secret(&n)[..16].to_owned();
+        let jwks: JwkSet = serde_json::from_value(json!({
+            "keys": [{"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": n, "e": e}]
+        }))
+        .map_err(|e| e.to_string())?;
+        Ok(Self { key, kid, jwks })
+    }
+
+    /// A signed access token for `sub` in `role`'s group, valid `ttl`.
+    pub fn token(&self, sub: &str, role: Role, ttl: Duration) -> String {
+        let now = now_ms() / 1000;
+        let claims = IssuedClaims {
+            sub,
+            iss: ISSUER,
+            client_id: AUDIENCE,
+            token_use: "access",
+            groups: vec![role.as_str()],
+            iat: now,
+            exp: now + ttl.as_secs(),
+        };
+        let mut header = Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("RS256 signing with a valid key")
+    }
+
+    pub fn verifier(&self) -> JwtVerifier {
+        JwtVerifier::with_jwks(ISSUER, AUDIENCE, &self.jwks)
+    }
+}
+
+/// A tiny error alias: messages for the command line.
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow_like::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Everything one local process serves.
+pub struct Local {
+    pub state: AppState,
+    pub issuer: Arc<Issuer>,
+}
+
+impl Local {
+    /// Open (creating if needed) the data directory: store, sealing key, JWT key.
+    pub fn open(data_dir: &Path, config: Config) -> anyhow_like::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+        let key: [u8; 32] = load_or_create_key(&data_dir.join("sealing.key"), 32)
+            .map_err(|e| format!("sealing key: {e}"))?
+            .try_into()
+            .map_err(|_| "sealing key has the wrong length")?;
+        let store = EmbeddedStore::open(&data_dir.join("payfence.redb")).map_err(|e| {
+            format!(
+                "{}: {e} (is another payfence-local using this --data-dir?)",
+                data_dir.display()
+            )
+        })?;
+        let issuer = Arc::new(Issuer::load_or_create(data_dir)?);
+        let state = AppState::new(
+            Arc::new(store),
+            SealingKey::from_bytes(&key),
+            config,
+            Some(issuer.verifier()),
+        );
+        Ok(Self { state, issuer })
+    }
+
+    /// Every function's router, merged, plus the issuer's JWKS.
+    pub fn router(&self) -> Router {
+        let jwks = serde_json::to_value(&self.issuer.jwks).unwrap_or_default();
+        let issuer_routes = Router::new()
+            .route(
+                "/.well-known/jwks.json",
+                get(move || async move { Json(jwks) }),
+            )
+            .layer(from_fn(request_context));
+        Router::new()
+            .merge(payfence_health::router(self.state.clone()))
+            .merge(payfence_authorize::router(self.state.clone()))
+            .merge(payfence_proxy::router(self.state.clone()))
+            .merge(payfence_dashboard::router(self.state.clone()))
+            .merge(issuer_routes)
+    }
+
+    /// Purge audit records past their 90 days, now and every hour.
+    pub fn spawn_retention(&self) {
+        let store = self.state.store().clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                match store.purge_expired(now_ms() / 1000).await {
+                    Ok(n) if n > 0 => tracing::info!(purged = n, "audit retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+                }
+            }
+        });
+    }
+}
+
+/// Serve `router` on `listener` with peer addresses available to handlers.
+pub async fn serve(listener: TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+}
+
+/// What `--demo` provisioned.
+pub struct Demo {
+    pub origin: SocketAddr,
+    pub site_id: String,
+    pub token: String,
+    pub api_key: String,
+}
+
+/// Start a demo origin that verifies PayFence signatures, and provision a demo
+/// site (pointing at it), plan, token and API key.
+pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
+    const OWNER: &str = "demo";
+    let store = local.state.store().clone();
+    let sealing = local.state.gateway.sealing().clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let origin = listener.local_addr()?;
+    let now = now_ms() / 1000;
+
+    let existing = store.list_sites(Some(OWNER)).await?.into_iter().next();
+    let (site, secret) = match existing {
+        Some(mut site) => {
+            let secret = sealing
+                .open(&site.signing_secret_sealed, &site.site_id)?
+                .to_string();
+            site.origin_url = format!("http://{origin}");
+            site.updated_at = now;
+            store.update_site(&site).await?;
+            local.state.gateway.invalidate_site(&site.site_id);
+            (site, secret)
+        }
+        None => {
+            let site_id = ids::site_id();
+            let secret = ids::signing_secret();
+            let site = Site {
+                signing_secret_sealed: sealing.seal(&secret, &site_id),
+                site_id,
+                owner: OWNER.into(),
+                name: "PayFence demo".into(),
+                origin_url: format!("http://{origin}"),
+                site_requests_per_second: 1000,
+                replay_window_seconds: 300,
+                failed_attempts_per_minute: 30,
+                secret_query_params: vec!["api_key".into()],
+                previous_secret_sealed: None,
+                previous_valid_until: None,
+                webhook_url: None,
+                webhook_secret_sealed: None,
+                created_at: now,
+                updated_at: now,
+            };
+            store.create_site(&site).await?;
+            (site, secret)
+        }
+    };
+    let plan = match store.list_plans(&site.site_id).await?.into_iter().next() {
+        Some(p) => p,
+        None => {
+            let p = Plan {
+                plan_id: ids::plan_id(),
+                site_id: site.site_id.clone(),
+                name: "demo".into(),
+                requests_per_minute: 60,
+                monthly_quota: 1000,
+                created_at: now,
+                updated_at: now,
+            };
+            store.put_plan(&p).await?;
+            p
+        }
+    };
+    let token = ids::consumer_token();
+    store
+        .create_token(&Token {
+            token_id: ids::token_id(),
+            site_id: site.site_id.clone(),
+            plan_id: plan.plan_id.clone(),
+            token_hash: ids::hash_secret(&token),
+            label: Some("demo".into()),
+            consumer: None,
+            created_at: now,
+            revoked_at: None,
+        })
+        .await?;
+    let api_key = ids::api_key();
+    store
+        .create_key(&payfence_core::domain::ApiKey {
+            key_id: ids::key_id(),
+            site_id: site.site_id.clone(),
+            key_hash: ids::hash_secret(&api_key),
+            prefix: api_key[..7].to_owned(),
+            created_at: now,
+            revoked_at: None,
+        })
+        .await?;
+
+    let app = demo_origin(&secret);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(Demo {
+        origin,
+        site_id: site.site_id,
+        token,
+        api_key,
+    })
+}
+
+/// The demo origin: answers only signed requests, echoing what it saw.
+pub fn demo_origin(secret: &str) -> Router {
+    use axum::extract::Request;
+    Router::new()
+        .fallback(|req: Request| async move {
+            let h = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            Json(json!({
+                "hello": "from the demo origin; this request carried a valid PayFence signature",
+                "method": req.method().as_str(),
+                "path": req.uri().path_and_query().map(|p| p.as_str()),
+                "token_id": h("x-payfence-token-id"),
+                "plan": h("x-payfence-plan"),
+            }))
+        })
+        .layer(payfence_signing::VerifyLayer::new(
+            payfence_signing::Verifier::new(secret),
+        ))
+}

@@ -1,0 +1,144 @@
+//! `payfence-local [--listen ADDR] [--data-dir DIR] [--demo] [--allow-http-origins]`
+//! `payfence-local dev-token [--data-dir DIR] --sub SUB --role ROLE`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use payfence_core::auth::Role;
+use payfence_core::config::Config;
+use payfence_local::{start_demo, Issuer, Local};
+
+#[derive(Parser)]
+#[command(
+    name = "payfence-local",
+    version,
+    about = "PayFence on one port, on the embedded store"
+)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// Data directory (created if missing; state survives restarts).
+    #[arg(long, default_value = "./.payfence")]
+    data_dir: PathBuf,
+    /// Also start a demo origin and provision a demo site, plan, token and API key.
+    /// Implies --allow-http-origins.
+    #[arg(long)]
+    demo: bool,
+    /// Allow http:// and loopback/private origins (local development only).
+    #[arg(long)]
+    allow_http_origins: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a signed dashboard JWT for a user and role.
+    DevToken {
+        #[arg(long, default_value = "./.payfence")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        sub: String,
+        #[arg(long, value_parser = ["site_owner", "admin", "consumer"])]
+        role: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::DevToken {
+        data_dir,
+        sub,
+        role,
+        ttl,
+    }) = cli.command
+    {
+        if let Err(e) = std::fs::create_dir_all(&data_dir) {
+            eprintln!("error: --data-dir {}: {e}", data_dir.display());
+            return ExitCode::FAILURE;
+        }
+        return match Issuer::load_or_create(&data_dir) {
+            Ok(issuer) => {
+                let role = Role::parse(&role).expect("clap checked the role");
+                println!("{}", issuer.token(&sub, role, Duration::from_secs(ttl)));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> payfence_local::anyhow_like::Result<()> {
+    // JSON logs go to stderr (non-blocking); stdout carries the human messages.
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    payfence_core::telemetry::init_with_writer(writer);
+    let mut config = Config::from_env()?;
+    config.allow_http_origins |= cli.allow_http_origins || cli.demo;
+    let local = Local::open(&cli.data_dir, config)?;
+    local.spawn_retention();
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", cli.listen))?;
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}");
+    if cli.demo {
+        let demo = start_demo(&local).await?;
+        let dir = cli.data_dir.display();
+        println!(
+            "Demo origin (verifies PayFence signatures) on http://{origin}
+Demo site {site}: plan \"demo\" (60 requests/minute, 1000 a month)
+
+Call the API through the proxy:
+  curl -i {base}/p/{site}/v1/hello?city=Oslo -H 'Authorization: Bearer {token}'
+Call the origin directly, unsigned (rejected with 401):
+  curl -i http://{origin}/v1/hello
+Middleware mode (what an origin asks):
+  curl -s {base}/v1/authorize -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
+    -d '{{\"token\":\"{token}\",\"method\":\"GET\",\"path\":\"/v1/hello\"}}'
+Audit log, as the demo site owner:
+  JWT=$(payfence-local dev-token --data-dir {dir} --sub demo --role site_owner)
+  curl -s {base}/api/sites/{site}/logs -H \"Authorization: Bearer $JWT\"
+Health:
+  curl -s {base}/api/health
+",
+            origin = demo.origin,
+            site = demo.site_id,
+            token = demo.token,
+            key = demo.api_key,
+        );
+    }
+    println!("PayFence listening on {base}");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    axum::serve(
+        listener,
+        local
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Domain records as stored. Secrets appear only hashed or sealed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{PlanLimits, QuotaEventKind};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Site {
+    pub site_id: String,
+    /// `sub` of the site owner.
+    pub owner: String,
+    pub name: String,
+    pub origin_url: String,
+    pub site_requests_per_second: u64,
+    pub replay_window_seconds: u64,
+    /// Failed-token attempts allowed per client and minute.
+    pub failed_attempts_per_minute: u64,
+    /// Query parameter names whose values are masked in audit records.
+    #[serde(default)]
+    pub secret_query_params: Vec<String>,
+    /// AES-256-GCM sealed signing secret (AAD: site id).
+    pub signing_secret_sealed: String,
+    #[serde(default)]
+    pub previous_secret_sealed: Option<String>,
+    /// Unix seconds until which the previous secret still signs.
+    #[serde(default)]
+    pub previous_valid_until: Option<u64>,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub webhook_secret_sealed: Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Plan {
+    pub plan_id: String,
+    pub site_id: String,
+    pub name: String,
+    pub requests_per_minute: u64,
+    pub monthly_quota: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+impl Plan {
+    pub fn limits(&self) -> PlanLimits {
+        PlanLimits {
+            requests_per_minute: self.requests_per_minute,
+            monthly_quota: self.monthly_quota,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Token {
+    pub token_id: String,
+    pub site_id: String,
+    pub plan_id: String,
+    pub token_hash: String,
+    #[serde(default)]
+    pub label: Option<String>,
+    /// `sub` of the consumer this token belongs to, if any.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    pub created_at: u64,
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKey {
+    pub key_id: String,
+    pub site_id: String,
+    pub key_hash: String,
+    /// First characters of the key, to tell keys apart in listings.
+    pub prefix: String,
+    pub created_at: u64,
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Proxy,
+    Middleware,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    MissingToken,
+    InvalidToken,
+    TokenRevoked,
+    RateLimited,
+    QuotaExceeded,
+    SiteRateLimited,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::MissingToken => "missing_token",
+            Reason::InvalidToken => "invalid_token",
+            Reason::TokenRevoked => "token_revoked",
+            Reason::RateLimited => "rate_limited",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::SiteRateLimited => "site_rate_limited",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+/// One metadata-only audit record per decision.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditRecord {
+    pub id: String,
+    /// RFC 3339, UTC, milliseconds.
+    pub timestamp: String,
+    /// Unix milliseconds (for ordering and filters).
+    pub ts_ms: u64,
+    pub site_id: String,
+    pub token_id: Option<String>,
+    pub plan: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub decision: DecisionKind,
+    pub reason: Option<Reason>,
+    /// Remaining monthly quota after this decision, when the token was resolved.
+    pub remaining: Option<u64>,
+    pub latency_ms: f64,
+    pub mode: Mode,
+    /// Unix seconds after which the record is gone (90 days).
+    pub expires_at: u64,
+}
+
+pub const AUDIT_RETENTION_SECS: u64 = 90 * 86_400;
+
+/// Filters of the logs query (API.md "Audit log").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub token_id: Option<String>,
+    pub plan: Option<String>,
+    pub decision: Option<DecisionKind>,
+    pub reason: Option<Reason>,
+    pub from_ms: Option<u64>,
+    pub to_ms: Option<u64>,
+    pub path_prefix: Option<String>,
+}
+
+impl AuditFilter {
+    pub fn matches(&self, r: &AuditRecord) -> bool {
+        self.token_id
+            .as_ref()
+            .is_none_or(|t| r.token_id.as_ref() == Some(t))
+            && self
+                .plan
+                .as_ref()
+                .is_none_or(|p| r.plan.as_ref() == Some(p))
+            && self.decision.is_none_or(|d| r.decision == d)
+            && self.reason.is_none_or(|x| r.reason == Some(x))
+            && self.from_ms.is_none_or(|f| r.ts_ms >= f)
+            && self.to_ms.is_none_or(|t| r.ts_ms <= t)
+            && self
+                .path_prefix
+                .as_ref()
+                .is_none_or(|p| r.path.starts_with(p.as_str()))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// A quota event (80 % warning or exhaustion), recorded once per token and month.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuotaEvent {
+    pub event_id: String,
+    pub site_id: String,
+    pub token_id: String,
+    pub plan: String,
+    pub kind: QuotaEventKind,
+    pub used: u64,
+    pub quota: u64,
+    /// `yyyymm`
+    pub period: u32,
+    pub created_at: u64,
+    /// `pending` until the webhook dispatcher delivers it.
+    pub status: String,
+}
+
+/// One entry of the admin audit trail: who changed what, when.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminEvent {
+    pub id: String,
+    pub ts_ms: u64,
+    pub timestamp: String,
+    pub actor: String,
+    pub role: String,
+    pub action: String,
+    pub site_id: Option<String>,
+    pub target: Option<String>,
+}
+
+pub fn rfc3339_ms(ts_ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ts_ms as i64)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,410 @@
+//! The authorize use case shared by proxy and middleware mode: resolve the token,
+//! apply the client's failed-attempt limit, then one atomic check-and-count.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use crate::domain::{
+    now_ms, rfc3339_ms, AuditRecord, DecisionKind, Mode, Reason, Site, AUDIT_RETENTION_SECS,
+};
+use crate::ids;
+use crate::limits::{PlanLimits, Verdict};
+use crate::seal::SealingKey;
+use crate::store::{CountRequest, Counted, Store, StoreError};
+
+/// A site as the hot path needs it, with its signing secrets opened.
+pub struct SiteView {
+    pub site: Site,
+    /// Current secret, then the previous one while its overlap lasts.
+    secrets: Vec<(Zeroizing<String>, Option<u64>)>,
+}
+
+impl SiteView {
+    pub fn open(site: Site, key: &SealingKey) -> Result<Self, GatewayError> {
+        let mut secrets = vec![(
+            key.open(&site.signing_secret_sealed, &site.site_id)
+                .map_err(|e| GatewayError::Internal(e.to_string()))?,
+            None,
+        )];
+        if let (Some(prev), Some(until)) = (&site.previous_secret_sealed, site.previous_valid_until)
+        {
+            secrets.push((
+                key.open(prev, &site.site_id)
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?,
+                Some(until),
+            ));
+        }
+        Ok(Self { site, secrets })
+    }
+
+    /// Secrets that sign at `now_s`, newest first.
+    pub fn signing_secrets(&self, now_s: u64) -> Vec<&str> {
+        self.secrets
+            .iter()
+            .filter(|(_, until)| until.is_none_or(|u| now_s < u))
+            .map(|(s, _)| s.as_str())
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The outcome of one authorize decision, with what the rate-limit headers need.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Option<Reason>,
+    /// 403 instead of 401 for a valid token of another site.
+    pub wrong_site: bool,
+    pub token_id: Option<String>,
+    pub plan: Option<String>,
+    pub limits: Option<PlanLimits>,
+    pub remaining_minute: u64,
+    pub remaining_quota: u64,
+    pub reset_minute: u64,
+    pub reset_quota: u64,
+    pub retry_after: Option<u64>,
+}
+
+impl Decision {
+    fn deny(reason: Reason) -> Self {
+        Self {
+            reason: Some(reason),
+            ..Default::default()
+        }
+    }
+
+    /// The HTTP status proxy mode answers a denial with.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self.reason {
+            None => S::OK,
+            Some(Reason::MissingToken) => S::UNAUTHORIZED,
+            Some(Reason::InvalidToken) if self.wrong_site => S::FORBIDDEN,
+            Some(Reason::InvalidToken) => S::UNAUTHORIZED,
+            Some(Reason::TokenRevoked) => S::FORBIDDEN,
+            Some(_) => S::TOO_MANY_REQUESTS,
+        }
+    }
+}
+
+struct Cached<T> {
+    value: T,
+    at: Instant,
+}
+
+/// Immutable token facts: a token's hash, id, site and plan never change.
+#[derive(Clone)]
+struct TokenRef {
+    token_id: String,
+    site_id: String,
+    plan_id: String,
+}
+
+const MAX_CACHED: usize = 100_000;
+
+/// The gateway: caches and the decision logic over a store.
+pub struct Gateway {
+    store: Arc<dyn Store>,
+    sealing: SealingKey,
+    ttl: Duration,
+    sites: Mutex<HashMap<String, Cached<Arc<SiteView>>>>,
+    plans: Mutex<HashMap<(String, String), Cached<(String, PlanLimits)>>>,
+    tokens: Mutex<HashMap<String, TokenRef>>,
+    /// (site, client hash) -> blocked until (unix ms), learned from failed attempts.
+    blocked: Mutex<HashMap<(String, String), u64>>,
+}
+
+impl Gateway {
+    pub fn new(store: Arc<dyn Store>, sealing: SealingKey, ttl: Duration) -> Self {
+        Self {
+            store,
+            sealing,
+            ttl,
+            sites: Mutex::default(),
+            plans: Mutex::default(),
+            tokens: Mutex::default(),
+            blocked: Mutex::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn sealing(&self) -> &SealingKey {
+        &self.sealing
+    }
+
+    /// Forget cached site and plan data (after a change made in this process).
+    pub fn invalidate_site(&self, site_id: &str) {
+        self.sites.lock().unwrap().remove(site_id);
+        self.plans.lock().unwrap().retain(|(s, _), _| s != site_id);
+    }
+
+    /// The site, from cache (at most `ttl` old) or the store.
+    pub async fn site(&self, site_id: &str) -> Result<Option<Arc<SiteView>>, GatewayError> {
+        if let Some(c) = self.sites.lock().unwrap().get(site_id) {
+            if c.at.elapsed() < self.ttl {
+                return Ok(Some(c.value.clone()));
+            }
+        }
+        let Some(site) = self.store.get_site(site_id).await? else {
+            return Ok(None);
+        };
+        let view = Arc::new(SiteView::open(site, &self.sealing)?);
+        let mut sites = self.sites.lock().unwrap();
+        if sites.len() >= MAX_CACHED {
+            sites.clear();
+        }
+        sites.insert(
+            site_id.to_owned(),
+            Cached {
+                value: view.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(Some(view))
+    }
+
+    async fn plan(
+        &self,
+        site_id: &str,
+        plan_id: &str,
+    ) -> Result<Option<(String, PlanLimits)>, GatewayError> {
+        let key = (site_id.to_owned(), plan_id.to_owned());
+        if let Some(c) = self.plans.lock().unwrap().get(&key) {
+            if c.at.elapsed() < self.ttl {
+                return Ok(Some(c.value.clone()));
+            }
+        }
+        let Some(plan) = self.store.get_plan(site_id, plan_id).await? else {
+            return Ok(None);
+        };
+        let value = (plan.name.clone(), plan.limits());
+        let mut plans = self.plans.lock().unwrap();
+        if plans.len() >= MAX_CACHED {
+            plans.clear();
+        }
+        plans.insert(
+            key,
+            Cached {
+                value: value.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(Some(value))
+    }
+
+    async fn resolve_token(&self, token: &str) -> Result<Option<TokenRef>, GatewayError> {
+        let hash = ids::hash_secret(token);
+        if let Some(t) = self.tokens.lock().unwrap().get(&hash) {
+            return Ok(Some(t.clone()));
+        }
+        let Some(t) = self.store.token_by_hash(&hash).await? else {
+            return Ok(None);
+        };
+        let r = TokenRef {
+            token_id: t.token_id,
+            site_id: t.site_id,
+            plan_id: t.plan_id,
+        };
+        let mut tokens = self.tokens.lock().unwrap();
+        if tokens.len() >= MAX_CACHED {
+            tokens.clear();
+        }
+        tokens.insert(hash, r.clone());
+        Ok(Some(r))
+    }
+
+    /// Decide one request for `site`. Writes exactly one audit record.
+    pub async fn authorize(&self, req: AuthorizeRequest<'_>) -> Result<Decision, GatewayError> {
+        let now = now_ms();
+        let site = &req.site.site;
+        let client = req.client_ip.map(|ip| self.sealing.client_hash(&ip));
+        let audit = |decision: &Decision| AuditRecord {
+            id: ids::log_id(),
+            timestamp: rfc3339_ms(now),
+            ts_ms: now,
+            site_id: site.site_id.clone(),
+            token_id: decision.token_id.clone(),
+            plan: decision.plan.clone(),
+            method: req.method.to_owned(),
+            path: audit_path(req.path_and_query, &site.secret_query_params),
+            decision: if decision.allowed {
+                DecisionKind::Allow
+            } else {
+                DecisionKind::Deny
+            },
+            reason: decision.reason,
+            remaining: None,
+            latency_ms: req.started.elapsed().as_secs_f64() * 1000.0,
+            mode: req.mode,
+            expires_at: now / 1000 + AUDIT_RETENTION_SECS,
+        };
+
+        // A client over its failed-attempt limit is cut off until its window slides.
+        if let Some(c) = &client {
+            let key = (site.site_id.clone(), c.clone());
+            let until = {
+                let mut blocked = self.blocked.lock().unwrap();
+                match blocked.get(&key).copied() {
+                    Some(until) if until > now => Some(until),
+                    Some(_) => {
+                        blocked.remove(&key);
+                        None
+                    }
+                    None => None,
+                }
+            };
+            if let Some(until) = until {
+                let mut d = Decision::deny(Reason::SiteRateLimited);
+                d.retry_after = Some((until - now).div_ceil(1000));
+                self.store.append_audit(audit(&d)).await?;
+                return Ok(d);
+            }
+        }
+
+        let resolved = match req.token {
+            None | Some("") => Err(Reason::MissingToken),
+            Some(t) if !ids::is_token_shaped(t) => Err(Reason::InvalidToken),
+            Some(t) => self.resolve_token(t).await?.ok_or(Reason::InvalidToken),
+        };
+        let token = match resolved {
+            Ok(t) => t,
+            Err(reason) => {
+                let d = Decision::deny(reason);
+                let attempts = self
+                    .store
+                    .record_failed_attempt(&site.site_id, client.as_deref(), audit(&d))
+                    .await?;
+                if let Some(c) = client {
+                    if attempts >= site.failed_attempts_per_minute {
+                        let mut blocked = self.blocked.lock().unwrap();
+                        if blocked.len() >= MAX_CACHED {
+                            blocked.clear();
+                        }
+                        blocked.insert((site.site_id.clone(), c), now + 60_000);
+                    }
+                }
+                return Ok(d);
+            }
+        };
+
+        if token.site_id != site.site_id {
+            let d = Decision {
+                wrong_site: true,
+                ..Decision::deny(Reason::InvalidToken)
+            };
+            self.store.append_audit(audit(&d)).await?;
+            return Ok(d);
+        }
+
+        let Some((plan_name, limits)) = self.plan(&site.site_id, &token.plan_id).await? else {
+            // The token's plan is gone: treat the token as unusable.
+            let d = Decision::deny(Reason::TokenRevoked);
+            self.store.append_audit(audit(&d)).await?;
+            return Ok(d);
+        };
+
+        let mut decision = Decision {
+            token_id: Some(token.token_id.clone()),
+            plan: Some(plan_name.clone()),
+            limits: Some(limits),
+            ..Default::default()
+        };
+        let counted = self
+            .store
+            .count_request(CountRequest {
+                site_id: site.site_id.clone(),
+                token_id: token.token_id.clone(),
+                plan_name,
+                limits,
+                site_requests_per_second: site.site_requests_per_second,
+                now_ms: now,
+                audit: audit(&decision),
+            })
+            .await?;
+        match counted {
+            Counted::Revoked => {
+                decision.reason = Some(Reason::TokenRevoked);
+                decision.limits = None;
+            }
+            Counted::Evaluated(e) => {
+                decision.allowed = e.verdict == Verdict::Allow;
+                decision.reason = match e.verdict {
+                    Verdict::Allow => None,
+                    Verdict::SiteRateLimited => Some(Reason::SiteRateLimited),
+                    Verdict::QuotaExceeded => Some(Reason::QuotaExceeded),
+                    Verdict::RateLimited => Some(Reason::RateLimited),
+                };
+                decision.remaining_minute = e.remaining_minute;
+                decision.remaining_quota = e.remaining_quota;
+                decision.reset_minute = e.reset_minute_unix;
+                decision.reset_quota = e.reset_quota_unix;
+                decision.retry_after = e.retry_after_secs;
+            }
+        }
+        Ok(decision)
+    }
+}
+
+/// What the gateway knows of one request.
+pub struct AuthorizeRequest<'a> {
+    pub site: &'a SiteView,
+    pub token: Option<&'a str>,
+    pub method: &'a str,
+    pub path_and_query: &'a str,
+    pub client_ip: Option<IpAddr>,
+    pub mode: Mode,
+    pub started: Instant,
+}
+
+/// The path as recorded in audit: the query keeps its names, and the values of
+/// parameters the site marks secret become `***`.
+pub fn audit_path(path_and_query: &str, secret_params: &[String]) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_owned();
+    };
+    if secret_params.is_empty() {
+        return path_and_query.to_owned();
+    }
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            if secret_params.iter().any(|s| s == name) {
+                format!("{name}=***")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect();
+    format!("{path}?{}", masked.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_secret_query_values() {
+        let secret = vec!["api_key".to_string()];
+        assert_eq!(
+            audit_path("/a?x=1&api_key=s3cr3t", &secret),
+            "/a?x=1&api_key=***"
+        );
+        assert_eq!(audit_path("/a", &secret), "/a");
+        assert_eq!(audit_path("/a?x=1", &[]), "/a?x=1");
+    }
+}

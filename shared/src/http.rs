@@ -1,0 +1,422 @@
+//! HTTP conventions shared by every function: problem+json errors, the request
+//! context middleware (request id, security headers, one log line per request),
+//! rate-limit headers, client address and JSON bodies.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::gateway::{Decision, GatewayError};
+use crate::store::StoreError;
+
+pub const REQUEST_ID_HEADER: &str = "x-payfence-request-id";
+
+/// An error answered as `application/problem+json` (RFC 9457).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{field}: {detail}")]
+    Invalid { field: String, detail: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("rate limited")]
+    TooManyRequests { retry_after: u64 },
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+    /// A dependency is unreachable; details are logged, not returned.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or broken invariant; details are logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &str, detail: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.to_owned(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad-request",
+            Self::Invalid { .. } => "invalid-field",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::NotFound(_) => "not-found",
+            Self::Conflict(_) => "conflict",
+            Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::TooManyRequests { .. } => "rate-limited",
+            Self::BadGateway(_) => "origin-unreachable",
+            Self::GatewayTimeout(_) => "origin-timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Build a problem+json response.
+pub fn problem(
+    status: StatusCode,
+    slug: &str,
+    detail: &str,
+    extra: Option<serde_json::Value>,
+) -> Response {
+    let mut body = serde_json::json!({
+        "type": format!("https://payfence.io/problems/{slug}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (extra, body.as_object_mut()) {
+        obj.extend(extra);
+    }
+    let mut res = (status, body.to_string()).into_response();
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            Self::Unavailable(e) => {
+                tracing::error!(error = %e, "dependency unavailable");
+                "a dependency is unavailable, try again shortly".to_owned()
+            }
+            Self::Internal(e) => {
+                tracing::error!(error = %e, "internal error");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let extra = match &self {
+            Self::Invalid { field, .. } => Some(serde_json::json!({ "field": field })),
+            _ => None,
+        };
+        let mut res = problem(status, self.slug(), &detail, extra);
+        if let Self::TooManyRequests { retry_after } = self {
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        res
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> Self {
+        match e {
+            GatewayError::Store(s) => s.into(),
+            GatewayError::Internal(s) => Self::Internal(s),
+        }
+    }
+}
+
+/// The request id, put in request extensions by [`request_context`].
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Fields a handler adds to its request's log line (via response extensions).
+#[derive(Clone, Debug, Default)]
+pub struct LogFields {
+    pub site_id: Option<String>,
+    pub token_id: Option<String>,
+    pub decision: Option<&'static str>,
+    pub reason: Option<&'static str>,
+    pub auth_ms: Option<f64>,
+    pub origin_ms: Option<f64>,
+    /// The response was relayed from an origin: leave its headers alone.
+    pub relayed: bool,
+}
+
+const SECURITY_HEADERS: [(&str, &str); 5] = [
+    (
+        "strict-transport-security",
+        "max-age=63072000; includeSubDomains",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("content-security-policy", "default-src 'none'"),
+    ("referrer-policy", "no-referrer"),
+];
+
+/// Middleware for every router: assigns the request id, adds security headers to
+/// the gateway's own responses, turns bare 404/405s into problem+json, and logs one
+/// JSON line per request (never a body, token, secret, query or raw IP).
+pub async fn request_context(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = uuid::Uuid::new_v4().to_string();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let mut res = next.run(req).await;
+    let fields = res
+        .extensions_mut()
+        .remove::<LogFields>()
+        .unwrap_or_default();
+
+    let status = res.status();
+    if matches!(
+        status,
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+    ) && !res.headers().contains_key(CONTENT_TYPE)
+        && !fields.relayed
+    {
+        let allow = res.headers().get(http::header::ALLOW).cloned();
+        res = problem(status, "not-found", "no such route or method", None);
+        if let Some(allow) = allow {
+            res.headers_mut().insert(http::header::ALLOW, allow);
+        }
+    }
+    let headers = res.headers_mut();
+    if !fields.relayed {
+        for (k, v) in SECURITY_HEADERS {
+            headers
+                .entry(HeaderName::from_static(k))
+                .or_insert(HeaderValue::from_static(v));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    tracing::info!(
+        target: "payfence::request",
+        request_id = %id,
+        method = %method,
+        route = route.as_deref().unwrap_or("-"),
+        status = res.status().as_u16(),
+        site_id = fields.site_id.as_deref(),
+        token_id = fields.token_id.as_deref(),
+        decision = fields.decision,
+        reason = fields.reason,
+        auth_ms = fields.auth_ms,
+        origin_ms = fields.origin_ms,
+        total_ms = started.elapsed().as_secs_f64() * 1000.0,
+    );
+    res
+}
+
+fn put(h: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(name, v);
+    }
+}
+
+fn now_s() -> u64 {
+    crate::domain::now_ms() / 1000
+}
+
+/// `X-RateLimit-*`, `RateLimit-Policy`, `RateLimit` (and `Retry-After` on denial)
+/// for a decision whose token was resolved; nothing otherwise.
+pub fn decision_headers(h: &mut HeaderMap, d: &Decision) {
+    if let Some(retry) = d.retry_after {
+        put(h, "retry-after", retry.to_string());
+    }
+    let Some(limits) = d.limits else {
+        return;
+    };
+    let now = now_s();
+    put(
+        h,
+        "x-ratelimit-limit",
+        limits.requests_per_minute.to_string(),
+    );
+    put(h, "x-ratelimit-remaining", d.remaining_minute.to_string());
+    put(h, "x-ratelimit-reset", d.reset_minute.to_string());
+    put(
+        h,
+        "ratelimit-policy",
+        format!(
+            "\"minute\";q={};w=60, \"month\";q={};w={}",
+            limits.requests_per_minute,
+            limits.monthly_quota,
+            d.reset_quota.saturating_sub(now).max(1)
+        ),
+    );
+    put(
+        h,
+        "ratelimit",
+        format!(
+            "\"minute\";r={};t={}, \"month\";r={};t={}",
+            d.remaining_minute,
+            d.reset_minute.saturating_sub(now),
+            d.remaining_quota,
+            d.reset_quota.saturating_sub(now)
+        ),
+    );
+}
+
+/// Simple headers for the gateway's own per-caller limits (dashboard).
+pub fn simple_rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset_unix: u64) {
+    put(h, "x-ratelimit-limit", limit.to_string());
+    put(h, "x-ratelimit-remaining", remaining.to_string());
+    put(h, "x-ratelimit-reset", reset_unix.to_string());
+    put(h, "ratelimit-policy", format!("\"second\";q={limit};w=1"));
+    put(
+        h,
+        "ratelimit",
+        format!(
+            "\"second\";r={remaining};t={}",
+            reset_unix.saturating_sub(now_s())
+        ),
+    );
+}
+
+/// A per-key, per-second in-memory limiter for the gateway's own endpoints.
+#[derive(Default)]
+pub struct KeyedLimiter {
+    windows: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl KeyedLimiter {
+    /// Count a request; `Ok(remaining)` or `Err(retry_after_secs)`.
+    pub fn check(&self, key: &str, limit: u64) -> Result<u64, u64> {
+        let sec = now_s();
+        let mut w = self.windows.lock().unwrap();
+        if w.len() > 100_000 {
+            w.retain(|_, (s, _)| *s == sec);
+        }
+        let entry = w.entry(key.to_owned()).or_insert((sec, 0));
+        if entry.0 != sec {
+            *entry = (sec, 0);
+        }
+        if entry.1 >= limit {
+            return Err(1);
+        }
+        entry.1 += 1;
+        Ok(limit - entry.1)
+    }
+}
+
+/// The caller's address: the Lambda request context when running in Lambda, else
+/// the TCP peer.
+pub fn client_ip(req: &Request) -> Option<IpAddr> {
+    if let Some(lambda_http::request::RequestContext::ApiGatewayV2(ctx)) =
+        req.extensions()
+            .get::<lambda_http::request::RequestContext>()
+    {
+        return ctx.http.source_ip.as_deref().and_then(|s| s.parse().ok());
+    }
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// `Authorization: Bearer <x>` value, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// A JSON body (Content-Type: application/json) whose rejections are problem+json.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType(
+                "expected Content-Type: application/json".into(),
+            ));
+        }
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        parse_json(&body).map(Self)
+    }
+}
+
+/// JSON response with a status.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    (status, axum::Json(value)).into_response()
+}
+
+/// Parse a JSON body: syntax errors are 400, wrong or missing fields 422 naming them.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let detail = inner.to_string();
+                // A missing or unknown field names itself in backticks at the top level.
+                let field = if path == "." {
+                    detail.split('`').nth(1).unwrap_or("body").to_owned()
+                } else {
+                    path
+                };
+                ApiError::Invalid { field, detail }
+            }
+            _ => ApiError::BadRequest(format!("malformed JSON body: {inner}")),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
+    Ok(value)
+}

@@ -1,0 +1,131 @@
+//! Process-wide state, built once and shared by every request.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use crate::auth::JwtVerifier;
+use crate::config::{env_var, Config, ConfigError};
+use crate::gateway::Gateway;
+use crate::http::KeyedLimiter;
+use crate::seal::SealingKey;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    pub config: Arc<Config>,
+    /// Dashboard JWT verification (absent in functions that serve no dashboard).
+    pub jwt: Option<Arc<JwtVerifier>>,
+    pub limiter: Arc<KeyedLimiter>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        sealing: SealingKey,
+        config: Config,
+        jwt: Option<JwtVerifier>,
+    ) -> Self {
+        Self {
+            gateway: Arc::new(Gateway::new(store, sealing, config.cache_ttl)),
+            config: Arc::new(config),
+            jwt: jwt.map(Arc::new),
+            limiter: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        self.gateway.store()
+    }
+
+    /// State for a Lambda function, from the environment:
+    /// `PAYFENCE_SEALING_KEY` (base64 of 32 bytes), `PAYFENCE_DATA_DIR` (embedded
+    /// store), and for the dashboard `PAYFENCE_JWT_ISSUER`, `PAYFENCE_JWT_AUDIENCE`,
+    /// `PAYFENCE_JWKS_URL`.
+    pub fn from_env(with_jwt: bool) -> Result<Self, ConfigError> {
+        let config = Config::from_env()?;
+        if env_var("PAYFENCE_TABLE").is_some() {
+            return Err(ConfigError::Invalid {
+                var: "PAYFENCE_TABLE",
+                problem: "the DynamoDB store is not part of this build yet; unset it to use the embedded store in PAYFENCE_DATA_DIR".into(),
+            });
+        }
+        let key_b64 = env_var("PAYFENCE_SEALING_KEY").ok_or(ConfigError::Invalid {
+            var: "PAYFENCE_SEALING_KEY",
+            problem: "required: base64 of 32 random bytes".into(),
+        })?;
+        let key: [u8; 32] = STANDARD
+            .decode(key_b64.trim())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or(ConfigError::Invalid {
+                var: "PAYFENCE_SEALING_KEY",
+                problem: "must be base64 of exactly 32 bytes".into(),
+            })?;
+        let dir = env_var("PAYFENCE_DATA_DIR").unwrap_or_else(|| "/tmp/payfence".into());
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Invalid {
+            var: "PAYFENCE_DATA_DIR",
+            problem: e.to_string(),
+        })?;
+        let store = EmbeddedStore::open(&Path::new(&dir).join("payfence.redb")).map_err(|e| {
+            ConfigError::Invalid {
+                var: "PAYFENCE_DATA_DIR",
+                problem: e.to_string(),
+            }
+        })?;
+        let jwt = if with_jwt {
+            let need = |var| {
+                env_var(var).ok_or(ConfigError::Invalid {
+                    var,
+                    problem: "required by the dashboard".into(),
+                })
+            };
+            let issuer = need("PAYFENCE_JWT_ISSUER")?;
+            let audience = need("PAYFENCE_JWT_AUDIENCE")?;
+            let url = need("PAYFENCE_JWKS_URL")?;
+            let client = crate::origin::origin_client(
+                config.allow_http_origins,
+                config.origin_connect_timeout,
+            );
+            Some(JwtVerifier::with_url(&issuer, &audience, &url, client))
+        } else {
+            None
+        };
+        Ok(Self::new(
+            Arc::new(store),
+            SealingKey::from_bytes(&key),
+            config,
+            jwt,
+        ))
+    }
+}
+
+/// Read a 0600 key file of `N` random bytes, creating it if missing.
+pub fn load_or_create_key(path: &Path, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    match std::fs::read(path) {
+        Ok(k) if k.len() == len => return Ok(k),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} has the wrong length", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    Ok(key)
+}

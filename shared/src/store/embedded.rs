@@ -1,0 +1,658 @@
+//! The embedded store: one redb database file (ACID, crash-safe, survives restarts).
+//!
+//! Every write goes through one writer thread that applies queued jobs in a single
+//! write transaction and commits durably (group commit): jobs are serialised, so a
+//! check-and-count is exact under any concurrency, and a caller is answered only
+//! after its job's transaction is on disk. Under load many jobs share one fsync.
+//! Reads use MVCC read transactions and never wait for the writer.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::domain::{DecisionKind, Reason};
+use crate::limits::{self, QuotaEventKind, SecondWindow, SlidingWindow, Verdict};
+
+type Def = TableDefinition<'static, &'static str, &'static [u8]>;
+const SITES: Def = TableDefinition::new("sites");
+const PLANS: Def = TableDefinition::new("plans"); // site/plan
+const TOKENS: Def = TableDefinition::new("tokens"); // site/token
+const TOKEN_HASH: Def = TableDefinition::new("token_hash"); // hash -> site/token
+const KEYS: Def = TableDefinition::new("keys"); // site/key
+const KEY_HASH: Def = TableDefinition::new("key_hash"); // hash -> site/key
+const USAGE: Def = TableDefinition::new("usage"); // token -> TokenUsage
+const SITE_USAGE: Def = TableDefinition::new("site_usage"); // site -> SecondWindow
+const FAILED: Def = TableDefinition::new("failed"); // site/client -> SlidingWindow
+const AUDIT: Def = TableDefinition::new("audit"); // site/ts_ms(13)/id -> AuditRecord
+const EVENTS: Def = TableDefinition::new("events"); // site/token/period/kind -> QuotaEvent
+const ADMIN: Def = TableDefinition::new("admin"); // ts_ms(13)/id -> AdminEvent
+const ALL: [Def; 12] = [
+    SITES, PLANS, TOKENS, TOKEN_HASH, KEYS, KEY_HASH, USAGE, SITE_USAGE, FAILED, AUDIT, EVENTS,
+    ADMIN,
+];
+
+/// Most jobs applied in one transaction.
+const MAX_BATCH: usize = 512;
+
+type Completer = Box<dyn FnOnce(Result<()>) + Send>;
+type Job = Box<dyn FnOnce(&WriteTransaction) -> (Result<()>, Completer) + Send>;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("domain records serialise")
+}
+
+fn get<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    k: &str,
+) -> Result<Option<T>> {
+    match t.get(k).map_err(unavailable)? {
+        Some(v) => decode(v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn get_str(t: &impl ReadableTable<&'static str, &'static [u8]>, k: &str) -> Result<Option<String>> {
+    Ok(t.get(k)
+        .map_err(unavailable)?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+}
+
+/// All values under `prefix/`.
+fn list_prefix<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+) -> Result<Vec<T>> {
+    let start = format!("{prefix}/");
+    let end = format!("{prefix}0"); // '0' sorts right after '/'
+    let mut out = Vec::new();
+    for row in t.range(start.as_str()..end.as_str()).map_err(unavailable)? {
+        let (_, v) = row.map_err(unavailable)?;
+        out.push(decode(v.value())?);
+    }
+    Ok(out)
+}
+
+fn audit_key(r: &AuditRecord) -> String {
+    format!("{}/{:013}/{}", r.site_id, r.ts_ms, r.id)
+}
+
+/// The embedded store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the database file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path).map_err(unavailable)?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        for def in ALL {
+            txn.open_table(def).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::sync_channel::<Job>(16 * MAX_BATCH);
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("payfence-store-writer".into())
+            .spawn(move || writer(writer_db, rx))
+            .map_err(unavailable)?;
+        Ok(Self { db, jobs: tx })
+    }
+
+    /// Run `f` in the next write transaction; answered after it commits.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |txn| {
+            let (status, value) = match f(txn) {
+                Ok(v) => (Ok(()), Some(v)),
+                Err(e) => (Err(e), None),
+            };
+            let done: Completer = Box::new(move |commit: Result<()>| {
+                let _ = tx.send(commit.map(|()| value.expect("value present when ok")));
+            });
+            (status, done)
+        });
+        let jobs = self.jobs.clone();
+        // The channel is bounded: a full queue applies backpressure off the runtime.
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(job)) => {
+                tokio::task::spawn_blocking(move || jobs.send(job))
+                    .await
+                    .map_err(unavailable)?
+                    .map_err(|_| unavailable("store writer stopped"))?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                return Err(unavailable("store writer stopped"))
+            }
+        }
+        rx.await.map_err(|_| unavailable("store writer stopped"))?
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<R>) -> Result<R> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        f(&txn)
+    }
+
+    fn read_table<R>(
+        &self,
+        def: Def,
+        f: impl FnOnce(&redb::ReadOnlyTable<&'static str, &'static [u8]>) -> Result<R>,
+    ) -> Result<R> {
+        self.read(|txn| f(&txn.open_table(def).map_err(unavailable)?))
+    }
+
+    async fn put(&self, def: Def, key: String, value: Vec<u8>) -> Result<()> {
+        self.write(move |txn| {
+            txn.open_table(def)
+                .map_err(unavailable)?
+                .insert(key.as_str(), value.as_slice())
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Put `value` at `key` only if absent; otherwise `Conflict`.
+    async fn insert_new(&self, def: Def, key: String, value: Vec<u8>) -> Result<()> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(def).map_err(unavailable)?;
+            if t.get(key.as_str()).map_err(unavailable)?.is_some() {
+                return Ok(Err(StoreError::Conflict(key)));
+            }
+            t.insert(key.as_str(), value.as_slice())
+                .map_err(unavailable)?;
+            Ok(Ok(()))
+        })
+        .await?
+    }
+}
+
+/// The writer thread: take jobs, run a batch in one transaction, commit, answer.
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let txn = match db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = e.to_string();
+                for job in batch {
+                    // Jobs need a transaction to build their completer; answer with the error.
+                    drop(job);
+                    tracing::error!(error = %msg, "store write transaction failed to start");
+                }
+                continue;
+            }
+        };
+        let mut completers = Vec::with_capacity(batch.len());
+        let mut failed: Option<String> = None;
+        for job in batch {
+            let (status, done) = job(&txn);
+            if let Err(e) = status {
+                // A job fails only on a storage error; the whole batch is abandoned.
+                failed.get_or_insert_with(|| e.to_string());
+            }
+            completers.push(done);
+        }
+        let result = match failed {
+            Some(msg) => {
+                let _ = txn.abort();
+                Err(StoreError::Unavailable(msg))
+            }
+            None => txn.commit().map_err(unavailable),
+        };
+        for done in completers {
+            done(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl SiteStore for EmbeddedStore {
+    async fn create_site(&self, site: &Site) -> Result<()> {
+        self.insert_new(SITES, site.site_id.clone(), encode(site))
+            .await
+    }
+    async fn update_site(&self, site: &Site) -> Result<()> {
+        self.put(SITES, site.site_id.clone(), encode(site)).await
+    }
+    async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
+        self.read_table(SITES, |t| get(t, site_id))
+    }
+    async fn list_sites(&self, owner: Option<&str>) -> Result<Vec<Site>> {
+        self.read_table(SITES, |t| {
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (_, v) = row.map_err(unavailable)?;
+                let site: Site = decode(v.value())?;
+                if owner.is_none_or(|o| site.owner == o) {
+                    out.push(site);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+#[async_trait]
+impl PlanStore for EmbeddedStore {
+    async fn put_plan(&self, plan: &Plan) -> Result<()> {
+        self.put(
+            PLANS,
+            format!("{}/{}", plan.site_id, plan.plan_id),
+            encode(plan),
+        )
+        .await
+    }
+    async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
+        self.read_table(PLANS, |t| get(t, &format!("{site_id}/{plan_id}")))
+    }
+    async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>> {
+        self.read_table(PLANS, |t| list_prefix(t, site_id))
+    }
+}
+
+#[async_trait]
+impl TokenStore for EmbeddedStore {
+    async fn create_token(&self, token: &Token) -> Result<()> {
+        let token = token.clone();
+        self.write(move |txn| {
+            let key = format!("{}/{}", token.site_id, token.token_id);
+            let mut hashes = txn.open_table(TOKEN_HASH).map_err(unavailable)?;
+            if hashes
+                .get(token.token_hash.as_str())
+                .map_err(unavailable)?
+                .is_some()
+            {
+                return Ok(Err(StoreError::Conflict("token".into())));
+            }
+            hashes
+                .insert(token.token_hash.as_str(), key.as_bytes())
+                .map_err(unavailable)?;
+            txn.open_table(TOKENS)
+                .map_err(unavailable)?
+                .insert(key.as_str(), encode(&token).as_slice())
+                .map_err(unavailable)?;
+            Ok(Ok(()))
+        })
+        .await?
+    }
+    async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>> {
+        self.read_table(TOKENS, |t| get(t, &format!("{site_id}/{token_id}")))
+    }
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<Token>> {
+        self.read(|txn| {
+            let hashes = txn.open_table(TOKEN_HASH).map_err(unavailable)?;
+            match get_str(&hashes, token_hash)? {
+                Some(key) => get(&txn.open_table(TOKENS).map_err(unavailable)?, &key),
+                None => Ok(None),
+            }
+        })
+    }
+    async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>> {
+        self.read_table(TOKENS, |t| list_prefix(t, site_id))
+    }
+    async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
+        self.read_table(TOKENS, |t| {
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (_, v) = row.map_err(unavailable)?;
+                let token: Token = decode(v.value())?;
+                if token.consumer.as_deref() == Some(consumer) {
+                    out.push(token);
+                }
+            }
+            Ok(out)
+        })
+    }
+    async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
+        let key = format!("{site_id}/{token_id}");
+        self.write(move |txn| {
+            let mut t = txn.open_table(TOKENS).map_err(unavailable)?;
+            let Some(mut token) = get::<Token>(&t, &key)? else {
+                return Ok(None);
+            };
+            if token.revoked_at.is_none() {
+                token.revoked_at = Some(now);
+                t.insert(key.as_str(), encode(&token).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Ok(Some(token))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl KeyStore for EmbeddedStore {
+    async fn create_key(&self, key: &ApiKey) -> Result<()> {
+        let key = key.clone();
+        self.write(move |txn| {
+            let k = format!("{}/{}", key.site_id, key.key_id);
+            txn.open_table(KEY_HASH)
+                .map_err(unavailable)?
+                .insert(key.key_hash.as_str(), k.as_bytes())
+                .map_err(unavailable)?;
+            txn.open_table(KEYS)
+                .map_err(unavailable)?
+                .insert(k.as_str(), encode(&key).as_slice())
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+    async fn key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>> {
+        self.read(|txn| {
+            let hashes = txn.open_table(KEY_HASH).map_err(unavailable)?;
+            match get_str(&hashes, key_hash)? {
+                Some(k) => get(&txn.open_table(KEYS).map_err(unavailable)?, &k),
+                None => Ok(None),
+            }
+        })
+    }
+    async fn list_keys(&self, site_id: &str) -> Result<Vec<ApiKey>> {
+        self.read_table(KEYS, |t| list_prefix(t, site_id))
+    }
+    async fn revoke_key(&self, site_id: &str, key_id: &str, now: u64) -> Result<Option<ApiKey>> {
+        let k = format!("{site_id}/{key_id}");
+        self.write(move |txn| {
+            let mut t = txn.open_table(KEYS).map_err(unavailable)?;
+            let Some(mut key) = get::<ApiKey>(&t, &k)? else {
+                return Ok(None);
+            };
+            if key.revoked_at.is_none() {
+                key.revoked_at = Some(now);
+                t.insert(k.as_str(), encode(&key).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Ok(Some(key))
+        })
+        .await
+    }
+}
+
+fn put_audit(txn: &WriteTransaction, record: &AuditRecord) -> Result<()> {
+    txn.open_table(AUDIT)
+        .map_err(unavailable)?
+        .insert(audit_key(record).as_str(), encode(record).as_slice())
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+#[async_trait]
+impl UsageStore for EmbeddedStore {
+    async fn count_request(&self, req: CountRequest) -> Result<Counted> {
+        self.write(move |txn| {
+            let mut audit = req.audit;
+            let token: Option<Token> = get(
+                &txn.open_table(TOKENS).map_err(unavailable)?,
+                &format!("{}/{}", req.site_id, req.token_id),
+            )?;
+            if token.is_none_or(|t| t.revoked_at.is_some()) {
+                audit.decision = DecisionKind::Deny;
+                audit.reason = Some(Reason::TokenRevoked);
+                put_audit(txn, &audit)?;
+                return Ok(Counted::Revoked);
+            }
+            let mut usage_t = txn.open_table(USAGE).map_err(unavailable)?;
+            let mut site_t = txn.open_table(SITE_USAGE).map_err(unavailable)?;
+            let usage: TokenUsage = get(&usage_t, &req.token_id)?.unwrap_or_default();
+            let site: SecondWindow = get(&site_t, &req.site_id)?.unwrap_or_default();
+            let eval = limits::evaluate(
+                usage,
+                site,
+                req.limits,
+                req.site_requests_per_second,
+                req.now_ms,
+            );
+            audit.remaining = Some(eval.remaining_quota);
+            if eval.verdict == Verdict::Allow {
+                usage_t
+                    .insert(req.token_id.as_str(), encode(&eval.usage).as_slice())
+                    .map_err(unavailable)?;
+                site_t
+                    .insert(req.site_id.as_str(), encode(&eval.site).as_slice())
+                    .map_err(unavailable)?;
+                audit.decision = DecisionKind::Allow;
+                audit.reason = None;
+                if !eval.events.is_empty() {
+                    let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
+                    for kind in &eval.events {
+                        let kind_s = match kind {
+                            QuotaEventKind::Warning => "warning",
+                            QuotaEventKind::Exhausted => "exhausted",
+                        };
+                        let key = format!(
+                            "{}/{}/{}/{}",
+                            req.site_id, req.token_id, eval.usage.quota.period, kind_s
+                        );
+                        if events.get(key.as_str()).map_err(unavailable)?.is_none() {
+                            let event = QuotaEvent {
+                                event_id: crate::ids::event_id(),
+                                site_id: req.site_id.clone(),
+                                token_id: req.token_id.clone(),
+                                plan: req.plan_name.clone(),
+                                kind: *kind,
+                                used: eval.usage.quota.used,
+                                quota: req.limits.monthly_quota,
+                                period: eval.usage.quota.period,
+                                created_at: req.now_ms / 1000,
+                                status: "pending".into(),
+                            };
+                            events
+                                .insert(key.as_str(), encode(&event).as_slice())
+                                .map_err(unavailable)?;
+                        }
+                    }
+                }
+            } else {
+                audit.decision = DecisionKind::Deny;
+                audit.reason = Some(match eval.verdict {
+                    Verdict::SiteRateLimited => Reason::SiteRateLimited,
+                    Verdict::QuotaExceeded => Reason::QuotaExceeded,
+                    _ => Reason::RateLimited,
+                });
+            }
+            put_audit(txn, &audit)?;
+            Ok(Counted::Evaluated(eval))
+        })
+        .await
+    }
+
+    async fn record_failed_attempt(
+        &self,
+        site_id: &str,
+        client: Option<&str>,
+        audit: AuditRecord,
+    ) -> Result<u64> {
+        let key = client.map(|c| format!("{site_id}/{c}"));
+        self.write(move |txn| {
+            let mut attempts = 0;
+            if let Some(key) = key {
+                let mut t = txn.open_table(FAILED).map_err(unavailable)?;
+                let w: SlidingWindow = get(&t, &key)?.unwrap_or_default();
+                let w = w.record(audit.ts_ms);
+                attempts = w.used(audit.ts_ms);
+                t.insert(key.as_str(), encode(&w).as_slice())
+                    .map_err(unavailable)?;
+            }
+            put_audit(txn, &audit)?;
+            Ok(attempts)
+        })
+        .await
+    }
+
+    async fn token_usage(&self, token_id: &str) -> Result<TokenUsage> {
+        Ok(self
+            .read_table(USAGE, |t| get(t, token_id))?
+            .unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl AuditStore for EmbeddedStore {
+    async fn append_audit(&self, record: AuditRecord) -> Result<()> {
+        self.write(move |txn| put_audit(txn, &record)).await
+    }
+
+    async fn query_audit(
+        &self,
+        site_id: &str,
+        filter: &AuditFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<AuditRecord>> {
+        let start = format!("{site_id}/{:013}", filter.from_ms.unwrap_or(0));
+        let mut end = match filter.to_ms {
+            Some(to) => format!("{site_id}/{:013}0", to), // include records at `to`
+            None => format!("{site_id}0"),
+        };
+        if let Some(c) = cursor {
+            let decoded = URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|k| k.starts_with(&format!("{site_id}/")))
+                .ok_or_else(|| StoreError::Corrupt("invalid cursor".into()))?;
+            if decoded < end {
+                end = decoded;
+            }
+        }
+        self.read_table(AUDIT, |t| {
+            let mut items = Vec::new();
+            let mut last_key = None;
+            let mut more = false;
+            if start < end {
+                for row in t
+                    .range(start.as_str()..end.as_str())
+                    .map_err(unavailable)?
+                    .rev()
+                {
+                    let (k, v) = row.map_err(unavailable)?;
+                    let r: AuditRecord = decode(v.value())?;
+                    if !filter.matches(&r) {
+                        continue;
+                    }
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    last_key = Some(k.value().to_owned());
+                    items.push(r);
+                }
+            }
+            Ok(Page {
+                items,
+                next_cursor: if more {
+                    last_key.map(|k| URL_SAFE_NO_PAD.encode(k))
+                } else {
+                    None
+                },
+            })
+        })
+    }
+
+    async fn purge_expired(&self, now_s: u64) -> Result<u64> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
+            let mut expired = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                let r: AuditRecord = decode(v.value())?;
+                if r.expires_at <= now_s {
+                    expired.push(k.value().to_owned());
+                }
+            }
+            for k in &expired {
+                t.remove(k.as_str()).map_err(unavailable)?;
+            }
+            Ok(expired.len() as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl EventStore for EmbeddedStore {
+    async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>> {
+        self.read_table(EVENTS, |t| list_prefix(t, site_id))
+    }
+}
+
+#[async_trait]
+impl AdminTrail for EmbeddedStore {
+    async fn record_admin(&self, event: &AdminEvent) -> Result<()> {
+        self.put(
+            ADMIN,
+            format!("{:013}/{}", event.ts_ms, event.id),
+            encode(event),
+        )
+        .await
+    }
+    async fn list_admin(
+        &self,
+        limit: usize,
+        site_ids: Option<&[String]>,
+    ) -> Result<Vec<AdminEvent>> {
+        self.read_table(ADMIN, |t| {
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)?.rev() {
+                let (_, v) = row.map_err(unavailable)?;
+                let e: AdminEvent = decode(v.value())?;
+                let visible = site_ids.is_none_or(|ids| {
+                    e.site_id
+                        .as_ref()
+                        .is_some_and(|s| ids.iter().any(|i| i == s))
+                });
+                if visible {
+                    out.push(e);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> Result<()> {
+        // A real read transaction and a real (empty) durable commit.
+        self.read_table(SITES, |_| Ok(()))?;
+        self.write(|_| Ok(())).await
+    }
+}

@@ -1,0 +1,140 @@
+//! Storage behind small, domain-shaped async traits. Two implementations: the
+//! embedded store (local runs and tests) and DynamoDB (production).
+//!
+//! The hot path is [`UsageStore::count_request`]: one atomic check-and-count that
+//! also checks revocation and writes the decision's audit record.
+
+use async_trait::async_trait;
+
+use crate::domain::{
+    AdminEvent, ApiKey, AuditFilter, AuditRecord, Page, Plan, QuotaEvent, Site, Token,
+};
+use crate::limits::{Evaluation, PlanLimits, TokenUsage};
+
+pub mod embedded;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("already exists: {0}")]
+    Conflict(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One request to count against a resolved token.
+#[derive(Clone, Debug)]
+pub struct CountRequest {
+    pub site_id: String,
+    pub token_id: String,
+    pub plan_name: String,
+    pub limits: PlanLimits,
+    pub site_requests_per_second: u64,
+    pub now_ms: u64,
+    /// The decision's audit record; the store fills `decision`, `reason` and
+    /// `remaining` and writes it with the count.
+    pub audit: AuditRecord,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// The token is revoked (or gone): nothing was counted.
+    Revoked,
+    /// The limits were evaluated; counters changed only if allowed.
+    Evaluated(Evaluation),
+}
+
+#[async_trait]
+pub trait SiteStore: Send + Sync {
+    async fn create_site(&self, site: &Site) -> Result<()>;
+    async fn update_site(&self, site: &Site) -> Result<()>;
+    async fn get_site(&self, site_id: &str) -> Result<Option<Site>>;
+    /// All sites, or those of one owner.
+    async fn list_sites(&self, owner: Option<&str>) -> Result<Vec<Site>>;
+}
+
+#[async_trait]
+pub trait PlanStore: Send + Sync {
+    async fn put_plan(&self, plan: &Plan) -> Result<()>;
+    async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>>;
+    async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>>;
+}
+
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    async fn create_token(&self, token: &Token) -> Result<()>;
+    async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>>;
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<Token>>;
+    async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>>;
+    async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>>;
+    /// Revoke; returns the token as it is now, or `None` if there is no such token.
+    async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>>;
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    async fn create_key(&self, key: &ApiKey) -> Result<()>;
+    async fn key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>>;
+    async fn list_keys(&self, site_id: &str) -> Result<Vec<ApiKey>>;
+    async fn revoke_key(&self, site_id: &str, key_id: &str, now: u64) -> Result<Option<ApiKey>>;
+}
+
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Atomically: check the token is not revoked, evaluate site rate, quota and
+    /// token rate, count the request if allowed, record crossed quota events once,
+    /// and write the audit record. Durable when it returns.
+    async fn count_request(&self, req: CountRequest) -> Result<Counted>;
+    /// A request whose token did not resolve: count a failed attempt for the client
+    /// (if known) and write the audit record. Returns the client's failed attempts
+    /// in the last minute, this one included (0 when the client is unknown).
+    async fn record_failed_attempt(
+        &self,
+        site_id: &str,
+        client: Option<&str>,
+        audit: AuditRecord,
+    ) -> Result<u64>;
+    async fn token_usage(&self, token_id: &str) -> Result<TokenUsage>;
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    async fn append_audit(&self, record: AuditRecord) -> Result<()>;
+    /// Newest first. `cursor` is an opaque value from a previous page.
+    async fn query_audit(
+        &self,
+        site_id: &str,
+        filter: &AuditFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<AuditRecord>>;
+    /// Delete records whose retention ended before `now_s`; returns how many.
+    async fn purge_expired(&self, now_s: u64) -> Result<u64>;
+}
+
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>>;
+}
+
+#[async_trait]
+pub trait AdminTrail: Send + Sync {
+    async fn record_admin(&self, event: &AdminEvent) -> Result<()>;
+    /// Newest first; only those of `site_ids` when given.
+    async fn list_admin(
+        &self,
+        limit: usize,
+        site_ids: Option<&[String]>,
+    ) -> Result<Vec<AdminEvent>>;
+}
+
+#[async_trait]
+pub trait Store:
+    SiteStore + PlanStore + TokenStore + KeyStore + UsageStore + AuditStore + EventStore + AdminTrail
+{
+    /// A cheap real round trip to the store, for health checks.
+    async fn ping(&self) -> Result<()>;
+}
