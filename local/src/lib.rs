@@ -88,6 +88,13 @@ impl Issuer {
         jsonwebtoken::encode(&header, &claims, &self.key).expect("RS256 signing with a valid key")
     }
 
+    /// Sign arbitrary claims with the issuer's key (for tests of token checks).
+    pub fn sign_claims(&self, claims: &serde_json::Value) -> String {
+        let mut header = Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key).expect("RS256 signing with a valid key")
+    }
+
     pub fn verifier(&self) -> JwtVerifier {
         JwtVerifier::with_jwks(ISSUER, AUDIENCE, &self.jwks)
     }

@@ -113,13 +113,16 @@ struct TokenRef {
 
 const MAX_CACHED: usize = 100_000;
 
+/// A plan's name and limits.
+type PlanInfo = (String, PlanLimits);
+
 /// The gateway: caches and the decision logic over a store.
 pub struct Gateway {
     store: Arc<dyn Store>,
     sealing: SealingKey,
     ttl: Duration,
     sites: Mutex<HashMap<String, Cached<Arc<SiteView>>>>,
-    plans: Mutex<HashMap<(String, String), Cached<(String, PlanLimits)>>>,
+    plans: Mutex<HashMap<(String, String), Cached<PlanInfo>>>,
     tokens: Mutex<HashMap<String, TokenRef>>,
     /// (site, client hash) -> blocked until (unix ms), learned from failed attempts.
     blocked: Mutex<HashMap<(String, String), u64>>,

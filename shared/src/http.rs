@@ -19,6 +19,8 @@ use crate::gateway::{Decision, GatewayError};
 use crate::store::StoreError;
 
 pub const REQUEST_ID_HEADER: &str = "x-payfence-request-id";
+/// Requests with more header bytes than this are refused with 431.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// An error answered as `application/problem+json` (RFC 9457).
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +205,21 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
-    let mut res = next.run(req).await;
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let mut res = if header_bytes > MAX_HEADER_BYTES {
+        problem(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "request headers exceed 32 KiB",
+            None,
+        )
+    } else {
+        next.run(req).await
+    };
     let fields = res
         .extensions_mut()
         .remove::<LogFields>()

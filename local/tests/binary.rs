@@ -1,0 +1,281 @@
+//! The real `payfence-local` binary: start-up line, dev-token, restarts, privacy
+//! of bodies, and bad input on the wire.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(
+    r: impl std::io::Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+    ready: Option<std::sync::mpsc::Sender<String>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if let (Some(tx), Some(url)) = (&ready, line.strip_prefix("PayFence listening on ")) {
+                let _ = tx.send(url.to_owned());
+            }
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+fn start(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payfence-local"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-http-origins",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    collect(child.stdout.take().unwrap(), stdout.clone(), Some(tx));
+    collect(child.stderr.take().unwrap(), stderr.clone(), None);
+    let base = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the listening line");
+    assert!(base.starts_with("http://127.0.0.1:"));
+    Server {
+        child,
+        base,
+        stdout,
+        stderr,
+    }
+}
+
+fn dev_token(dir: &Path, sub: &str, role: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_payfence-local"))
+        .args(["dev-token", "--sub", sub, "--role", role, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file()
+            && std::fs::read(&path)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        {
+            hits.push(path.display().to_string());
+        }
+    }
+    hits
+}
+
+#[tokio::test]
+async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let http = client();
+    let jwt = dev_token(dir.path(), "alice", "site_owner"); // while the server runs
+
+    let (listener, addr) = bind_origin().await;
+    let site: Value = http
+        .post(format!("{}/api/sites", server.base))
+        .bearer_auth(&jwt)
+        .json(&json!({"name": "Travel", "origin_url": format!("http://{addr}")}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let site_id = site["site_id"].as_str().unwrap().to_owned();
+    let origin = serve_origin(
+        listener,
+        payfence_signing::Verifier::new(site["signing_secret"].as_str().unwrap()),
+    );
+    let plan: Value = http
+        .post(format!("{}/api/sites/{site_id}/plans", server.base))
+        .bearer_auth(&jwt)
+        .json(&json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tok: Value = http
+        .post(format!("{}/api/sites/{site_id}/tokens", server.base))
+        .bearer_auth(&jwt)
+        .json(&json!({"plan_id": plan["plan_id"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = tok["token"].as_str().unwrap().to_owned();
+
+    let marker = format!("MARKER-{}", uuid_like());
+    for i in 0..7 {
+        let res = http
+            .post(format!("{}/p/{site_id}/v1/book?n={i}", server.base))
+            .bearer_auth(&token)
+            .header("x-respond-with", format!("response-{marker}"))
+            .body(format!("request-{marker}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap(), format!("response-{marker}"));
+    }
+    assert_eq!(origin.count(), 7);
+
+    // Kill hard: acknowledged decisions must already be on disk.
+    let (stdout, stderr) = (server.stdout.clone(), server.stderr.clone());
+    drop(server); // SIGKILL
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let logs = format!("{}{}", stdout.lock().unwrap(), stderr.lock().unwrap());
+    assert!(
+        logs.contains("\"target\":\"payfence::request\""),
+        "one JSON line per request"
+    );
+    assert!(!logs.contains(&marker), "a body marker reached the logs");
+    assert!(!logs.contains(&token), "a token reached the logs");
+    assert!(
+        grep_dir(dir.path(), marker.as_bytes()).is_empty(),
+        "a body marker reached the data dir"
+    );
+    assert!(
+        grep_dir(dir.path(), token.as_bytes()).is_empty(),
+        "a raw token reached the data dir"
+    );
+    assert!(
+        grep_dir(
+            dir.path(),
+            site["signing_secret"].as_str().unwrap().as_bytes()
+        )
+        .is_empty(),
+        "the signing secret is sealed"
+    );
+    #[cfg(unix)]
+    for key in ["sealing.key", "jwt-signing-key.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+
+    let server = start(dir.path());
+    let res = http
+        .get(format!("{}/p/{site_id}/again", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "the token survives a restart");
+    assert_eq!(
+        header(&res, "ratelimit").map(|r| r.contains("\"month\";r=42")),
+        Some(true),
+        "{:?}",
+        header(&res, "ratelimit")
+    );
+    let logs: Value = http
+        .get(format!("{}/api/sites/{site_id}/logs", server.base))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(logs["items"].as_array().unwrap().len(), 8);
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}{:x}",
+        std::process::id(),
+        payfence_core::domain::now_ms()
+    )
+}
+
+#[tokio::test]
+async fn bad_input_on_the_wire_gets_a_clear_4xx_and_never_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let b = &server.base;
+    let status = |res: &str| res.split(' ').nth(1).unwrap_or("").to_owned();
+
+    let huge = "a".repeat(200 * 1024);
+    let res = raw_request(
+        b,
+        format!("GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(
+        res.is_empty() || status(&res) == "431",
+        "{}",
+        &res[..res.len().min(200)]
+    );
+    let res = raw_request(
+        b,
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Bad: a\rb\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), "400");
+    let res = raw_request(b, b"GARBAGE\r\n\r\n").await;
+    assert_eq!(status(&res), "400");
+    let res = raw_request(b, "GET /p/site_0123456789abcdef/x HTTP/1.1\r\nHost: x\r\nX-PayFence-Token: pf_live_\u{e9}\r\nConnection: close\r\n\r\n".as_bytes()).await;
+    assert_eq!(status(&res), "404"); // unknown site, checked first
+    let res = raw_request(b, b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{{{").await;
+    assert_eq!(status(&res), "401");
+    let res = raw_request(
+        b,
+        b"GET /p/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status(&res).starts_with('4'), "{res}");
+
+    // Still healthy.
+    let res = client()
+        .get(format!("{b}/api/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(!server.stderr.lock().unwrap().contains("panicked"));
+}

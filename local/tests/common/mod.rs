@@ -1,0 +1,312 @@
+//! Test helpers: the real server on port 0 with fresh state, and a real origin
+//! that verifies PayFence signatures with the shipped verifier layer.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::response::IntoResponse;
+use axum::Router;
+use futures_util::StreamExt;
+use payfence_core::auth::Role;
+use payfence_core::config::Config;
+use payfence_local::Local;
+use serde_json::{json, Value};
+use sha2::Digest;
+use tokio::net::TcpListener;
+
+pub struct App {
+    pub base: String,
+    pub local: Arc<Local>,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn test_config() -> Config {
+    Config {
+        allow_http_origins: true,
+        ..Config::default()
+    }
+}
+
+pub async fn spawn_app() -> App {
+    spawn_app_with(test_config()).await
+}
+
+pub async fn spawn_app_with(config: Config) -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(Local::open(dir.path(), config).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = local.router();
+    tokio::spawn(payfence_local::serve(listener, router));
+    App {
+        base: format!("http://{addr}"),
+        local,
+        http: client(),
+        dir,
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap()
+}
+
+/// What the test origin saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: http::HeaderMap,
+    pub body_len: usize,
+    pub body_sha256: String,
+}
+
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Origin {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the origin saw a request")
+    }
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+/// Bind an origin now; it starts answering once `serve_origin` gets the secret.
+pub async fn bind_origin() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// The test origin: behind `payfence_signing::VerifyLayer`, records what it saw and
+/// answers with `x-respond-with` as body (or "ok"). `/slow` sleeps 3 s first.
+pub fn serve_origin(listener: TcpListener, verifier: payfence_signing::Verifier) -> Origin {
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let app = Router::new()
+        .fallback(move |req: Request| {
+            let seen = seen2.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                if parts.uri.path() == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                let mut hasher = sha2::Sha256::new();
+                let mut len = 0;
+                let mut stream = body.into_data_stream();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.unwrap();
+                    len += chunk.len();
+                    hasher.update(&chunk);
+                }
+                seen.lock().unwrap().push(Seen {
+                    method: parts.method.to_string(),
+                    path_and_query: parts.uri.path_and_query().unwrap().to_string(),
+                    headers: parts.headers.clone(),
+                    body_len: len,
+                    body_sha256: hex::encode(hasher.finalize()),
+                });
+                let reply = parts
+                    .headers
+                    .get("x-respond-with")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_else(|| "ok".into());
+                ([("x-origin", "yes")], reply).into_response()
+            }
+        })
+        .layer(payfence_signing::VerifyLayer::new(verifier));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Origin { addr, seen }
+}
+
+/// A site with a plan and a token, in front of a fresh verifying origin.
+pub struct Setup {
+    pub owner: String,
+    pub site_id: String,
+    pub secret: String,
+    pub plan_id: String,
+    pub token_id: String,
+    pub token: String,
+    pub origin: Origin,
+}
+
+impl App {
+    pub fn jwt(&self, sub: &str, role: Role) -> String {
+        self.local
+            .issuer
+            .token(sub, role, Duration::from_secs(3600))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, jwt: &str, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(jwt)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, jwt: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(jwt)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn create_site(&self, jwt: &str, origin_url: &str) -> Value {
+        let res = self
+            .post(
+                jwt,
+                "/api/sites",
+                json!({"name": "Travel API", "origin_url": origin_url}),
+            )
+            .await;
+        assert_eq!(res.status(), 201);
+        res.json().await.unwrap()
+    }
+
+    pub async fn create_plan(&self, jwt: &str, site_id: &str, rpm: u64, quota: u64) -> String {
+        let res = self
+            .post(
+                jwt,
+                &format!("/api/sites/{site_id}/plans"),
+                json!({"name": "pro", "requests_per_minute": rpm, "monthly_quota": quota}),
+            )
+            .await;
+        assert_eq!(res.status(), 201);
+        res.json::<Value>().await.unwrap()["plan_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn create_token(&self, jwt: &str, site_id: &str, plan_id: &str) -> (String, String) {
+        let res = self
+            .post(
+                jwt,
+                &format!("/api/sites/{site_id}/tokens"),
+                json!({"plan_id": plan_id}),
+            )
+            .await;
+        assert_eq!(res.status(), 201);
+        let v: Value = res.json().await.unwrap();
+        (
+            v["token_id"].as_str().unwrap().into(),
+            v["token"].as_str().unwrap().into(),
+        )
+    }
+
+    pub async fn create_key(&self, jwt: &str, site_id: &str) -> String {
+        let res = self
+            .post(jwt, &format!("/api/sites/{site_id}/api-keys"), json!({}))
+            .await;
+        assert_eq!(res.status(), 201);
+        res.json::<Value>().await.unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .into()
+    }
+
+    /// Owner `alice` with a site in front of a verifying origin, a plan and a token.
+    pub async fn setup(&self, rpm: u64, quota: u64) -> Setup {
+        let owner = self.jwt("alice", Role::SiteOwner);
+        let (listener, addr) = bind_origin().await;
+        let site = self.create_site(&owner, &format!("http://{addr}")).await;
+        let secret = site["signing_secret"].as_str().unwrap().to_owned();
+        let site_id = site["site_id"].as_str().unwrap().to_owned();
+        let origin = serve_origin(listener, payfence_signing::Verifier::new(&secret));
+        let plan_id = self.create_plan(&owner, &site_id, rpm, quota).await;
+        let (token_id, token) = self.create_token(&owner, &site_id, &plan_id).await;
+        Setup {
+            owner,
+            site_id,
+            secret,
+            plan_id,
+            token_id,
+            token,
+            origin,
+        }
+    }
+
+    /// GET through the proxy with a bearer token.
+    pub async fn proxy_get(&self, site_id: &str, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(&format!("/p/{site_id}{path}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logs(&self, jwt: &str, site_id: &str, query: &str) -> Value {
+        let res = self
+            .get(jwt, &format!("/api/sites/{site_id}/logs?{query}"))
+            .await;
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+}
+
+/// Wait, if needed, so that the next few seconds stay inside one calendar minute.
+pub async fn avoid_minute_boundary() {
+    let now = payfence_core::domain::now_ms();
+    let into = now % 60_000;
+    if into > 45_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into + 500)).await;
+    }
+}
+
+pub fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    res.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The rate-limit headers every response to a resolved token carries.
+pub fn assert_rate_headers(res: &reqwest::Response) {
+    for h in [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "ratelimit-policy",
+        "ratelimit",
+    ] {
+        assert!(header(res, h).is_some(), "missing {h} on {}", res.status());
+    }
+}
+
+/// Send raw bytes and read the whole response (the server closes or answers once).
+pub async fn raw_request(base: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,121 @@
+//! Exactness under concurrency: no rate-limit or quota overshoot, one event each.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_is_exact_under_200_concurrent_requests() {
+    let app = spawn_app().await;
+    let s = app.setup(60, 100_000).await;
+    avoid_minute_boundary().await;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let http = client();
+        let url = app.url(&format!("/p/{}/x", s.site_id));
+        let token = s.token.clone();
+        tasks.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => allowed += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(allowed, 60);
+    assert_eq!(s.origin.count(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_is_exact_under_32_concurrent_clients_and_warns_once() {
+    let app = spawn_app().await;
+    let s = app.setup(10_000, 100).await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let http = client();
+        let url = app.url(&format!("/p/{}/x", s.site_id));
+        let token = s.token.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..10 {
+                let status = http
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                if status == 200 {
+                    allowed += 1;
+                } else {
+                    assert_eq!(status, 429);
+                }
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap();
+    }
+    assert_eq!(allowed, 100);
+
+    let res = app
+        .get(&s.owner, &format!("/api/sites/{}/events", s.site_id))
+        .await;
+    let events: Value = res.json().await.unwrap();
+    let kinds: Vec<(&str, u64)> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["used"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| k.0 == "warning").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| k.0 == "exhausted").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&("warning", 80)) && kinds.contains(&("exhausted", 100)));
+
+    // Token usage agrees; the audit log has all 320 decisions.
+    let t: Value = app
+        .get(
+            &s.owner,
+            &format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["usage"]["used"], 100);
+    assert_eq!(t["usage"]["remaining"], 0);
+    let mut n = 0;
+    let mut cursor = String::new();
+    loop {
+        let page = app
+            .logs(&s.owner, &s.site_id, &format!("limit=100{cursor}"))
+            .await;
+        n += page["items"].as_array().unwrap().len();
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(n, 320);
+}

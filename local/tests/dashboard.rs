@@ -1,0 +1,522 @@
+//! The dashboard API: JWT checks, roles, isolation, validation, rotation, logs.
+
+mod common;
+
+use common::*;
+use payfence_core::auth::Role;
+use payfence_core::config::Config;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn jwts_are_fully_checked() {
+    let app = spawn_app().await;
+    let now = payfence_core::domain::now_ms() / 1000;
+    let claims = |over: Value| {
+        let mut c = json!({"sub": "alice", "iss": payfence_local::ISSUER, "client_id": payfence_local::AUDIENCE,
+            "token_use": "access", "cognito:groups": ["site_owner"], "iat": now, "exp": now + 600});
+        c.as_object_mut()
+            .unwrap()
+            .extend(over.as_object().unwrap().clone());
+        app.local.issuer.sign_claims(&c)
+    };
+    assert_eq!(
+        app.get(&claims(json!({})), "/api/sites").await.status(),
+        200
+    );
+    let res = app.http.get(app.url("/api/sites")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(header(&res, "www-authenticate"), Some("Bearer"));
+    for (why, token) in [
+        ("garbage", "not.a.jwt".to_owned()),
+        ("issuer", claims(json!({"iss": "someone-else"}))),
+        ("audience", claims(json!({"client_id": "other-app"}))),
+        ("expired", claims(json!({"exp": now - 3600}))),
+        ("token_use", claims(json!({"token_use": "refresh"}))),
+    ] {
+        assert_eq!(app.get(&token, "/api/sites").await.status(), 401, "{why}");
+    }
+    // A token signed by another key with the same kid.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = payfence_local::Issuer::load_or_create(other_dir.path()).unwrap();
+    let forged = other.token("alice", Role::Admin, std::time::Duration::from_secs(60));
+    assert_eq!(app.get(&forged, "/api/sites").await.status(), 401);
+    // Authenticated but in no PayFence group.
+    assert_eq!(
+        app.get(&claims(json!({"cognito:groups": ["staff"]})), "/api/sites")
+            .await
+            .status(),
+        403
+    );
+}
+
+#[tokio::test]
+async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
+    let app = spawn_app().await;
+    let s = app.setup(60, 1000).await; // alice's
+    let bob = app.jwt("bob", Role::SiteOwner);
+    let admin = app.jwt("root", Role::Admin);
+    let carol = app.jwt("carol", Role::Consumer);
+
+    for path in ["", "/plans", "/tokens", "/logs", "/api-keys", "/events"] {
+        let res = app
+            .get(&bob, &format!("/api/sites/{}{path}", s.site_id))
+            .await;
+        assert_eq!(res.status(), 404, "bob must not see alice's site{path}");
+        assert_eq!(
+            app.get(&admin, &format!("/api/sites/{}{path}", s.site_id))
+                .await
+                .status(),
+            200
+        );
+    }
+    let res = app
+        .http
+        .delete(app.url(&format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id)))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let bobs: Value = app.get(&bob, "/api/sites").await.json().await.unwrap();
+    assert_eq!(bobs["items"].as_array().unwrap().len(), 0);
+    let all: Value = app.get(&admin, "/api/sites").await.json().await.unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 1);
+    assert!(
+        !all.to_string().contains("signing_secret"),
+        "secrets are shown once only"
+    );
+
+    // Consumers cannot manage sites, but see tokens assigned to them, with usage.
+    assert_eq!(app.get(&carol, "/api/sites").await.status(), 403);
+    assert_eq!(
+        app.post(
+            &carol,
+            "/api/sites",
+            json!({"name": "x", "origin_url": "https://api.example.com"})
+        )
+        .await
+        .status(),
+        403
+    );
+    assert_eq!(
+        app.get(&carol, &format!("/api/sites/{}", s.site_id))
+            .await
+            .status(),
+        403
+    );
+    let res = app
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/tokens", s.site_id),
+            json!({"plan_id": s.plan_id, "consumer": "carol", "label": "carol's"}),
+        )
+        .await;
+    let tok: Value = res.json().await.unwrap();
+    app.proxy_get(&s.site_id, "/", tok["token"].as_str().unwrap())
+        .await;
+    let mine: Value = app
+        .get(&carol, "/api/me/tokens")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = mine["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["token_id"], tok["token_id"]);
+    assert_eq!(items[0]["usage"]["used"], 1);
+    assert!(items[0].get("token").is_none());
+
+    // The admin trail recorded who did what.
+    let trail: Value = app
+        .get(&admin, "/api/audit-trail")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let actions: Vec<&str> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"site.create")
+            && actions.contains(&"plan.create")
+            && actions.contains(&"token.create"),
+        "{actions:?}"
+    );
+    assert!(trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["actor"].is_string() && e["timestamp"].is_string()));
+    let bob_trail: Value = app
+        .get(&bob, "/api/audit-trail")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bob_trail["items"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn invalid_input_is_400_or_422_naming_the_field() {
+    let app = spawn_app_with(Config::default()).await; // production origin rules
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let cases = [
+        (json!({"origin_url": "https://api.example.com"}), "name"),
+        (
+            json!({"name": "", "origin_url": "https://api.example.com"}),
+            "name",
+        ),
+        (
+            json!({"name": "x", "origin_url": "http://api.example.com"}),
+            "origin_url",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://169.254.169.254"}),
+            "origin_url",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://localhost"}),
+            "origin_url",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://10.0.0.8"}),
+            "origin_url",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://api.example.com", "site_requests_per_second": 0}),
+            "site_requests_per_second",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://api.example.com", "replay_window_seconds": 5}),
+            "replay_window_seconds",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://api.example.com", "colour": "red"}),
+            "colour",
+        ),
+        (
+            json!({"name": 7, "origin_url": "https://api.example.com"}),
+            "name",
+        ),
+    ];
+    for (body, field) in cases {
+        let res = app.post(&owner, "/api/sites", body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        assert_eq!(
+            header(&res, "content-type"),
+            Some("application/problem+json")
+        );
+        let p: Value = res.json().await.unwrap();
+        assert_eq!(p["field"], field, "{body}");
+        assert_eq!(p["status"], 422);
+    }
+    let res = app
+        .http
+        .post(app.url("/api/sites"))
+        .bearer_auth(&owner)
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let res = app
+        .http
+        .post(app.url("/api/sites"))
+        .bearer_auth(&owner)
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+
+    let site = app.create_site(&owner, "https://api.example.com/v2/").await;
+    assert_eq!(site["origin_url"], "https://api.example.com/v2");
+    assert!(site["signing_secret"]
+        .as_str()
+        .unwrap()
+        .starts_with("pfsig_"));
+    let sid = site["site_id"].as_str().unwrap();
+    for (body, field) in [
+        (
+            json!({"name": "pro", "requests_per_minute": 9, "monthly_quota": 10}),
+            "requests_per_minute",
+        ),
+        (
+            json!({"name": "pro", "requests_per_minute": 10_001, "monthly_quota": 10}),
+            "requests_per_minute",
+        ),
+        (
+            json!({"name": "pro", "requests_per_minute": 10, "monthly_quota": 0}),
+            "monthly_quota",
+        ),
+        (
+            json!({"name": "pro\r\nx", "requests_per_minute": 10, "monthly_quota": 1}),
+            "name",
+        ),
+        (
+            json!({"name": "pro", "requests_per_minute": -1, "monthly_quota": 1}),
+            "requests_per_minute",
+        ),
+    ] {
+        let res = app
+            .post(&owner, &format!("/api/sites/{sid}/plans"), body.clone())
+            .await;
+        assert_eq!(res.status(), 422, "{body}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field, "{body}");
+    }
+    let res = app
+        .post(
+            &owner,
+            &format!("/api/sites/{sid}/tokens"),
+            json!({"plan_id": "plan_0000000000000000"}),
+        )
+        .await;
+    assert_eq!(res.json::<Value>().await.unwrap()["field"], "plan_id");
+    let res = app
+        .get(&owner, &format!("/api/sites/{sid}/logs?decision=maybe"))
+        .await;
+    assert_eq!(res.json::<Value>().await.unwrap()["field"], "decision");
+    let res = app
+        .get(&owner, &format!("/api/sites/{sid}/logs?from=yesterday"))
+        .await;
+    assert_eq!(res.json::<Value>().await.unwrap()["field"], "from");
+    let res = app
+        .get(&owner, &format!("/api/sites/{sid}/logs?cursor=zzz"))
+        .await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(
+        app.get(&owner, "/api/sites/site_0000000000000000")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(app.get(&owner, "/api/nothing-here").await.status(), 404);
+}
+
+#[tokio::test]
+async fn rotation_signs_with_both_secrets_during_the_overlap() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let res = app
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/signing-secret/rotate", s.site_id),
+            json!({"overlap_seconds": 3600}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let r: Value = res.json().await.unwrap();
+    let new = r["signing_secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, s.secret);
+    assert!(
+        r["previous_valid_until"].as_u64().unwrap() > payfence_core::domain::now_ms() / 1000 + 3500
+    );
+
+    // The origin still verifying with the old secret keeps working.
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/after-rotation", &s.token)
+            .await
+            .status(),
+        200
+    );
+    let seen = s.origin.last();
+    let sig = seen
+        .headers
+        .get("x-payfence-signature")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let ts = seen
+        .headers
+        .get("x-payfence-timestamp")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(sig.matches("sha256=").count(), 2);
+    let now: u64 = ts.parse().unwrap();
+    for secret in [&new, &s.secret] {
+        payfence_signing::Verifier::new(secret)
+            .verify("GET", "/after-rotation", Some(&ts), Some(&sig), now)
+            .unwrap();
+    }
+
+    // With no overlap the old secret stops signing at once.
+    let res = app
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/signing-secret/rotate", s.site_id),
+            json!({"overlap_seconds": 0}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/x", &s.token).await.status(),
+        401,
+        "the origin rejects what it cannot verify"
+    );
+}
+
+#[tokio::test]
+async fn logs_filter_paginate_and_export() {
+    let app = spawn_app().await;
+    let s = app.setup(10_000, 1000).await;
+    for i in 0..5 {
+        app.proxy_get(&s.site_id, &format!("/v1/flights/{i}"), &s.token)
+            .await;
+    }
+    for _ in 0..3 {
+        app.proxy_get(&s.site_id, "/v1/hotels", "bad").await;
+    }
+    let q = |query: &str| {
+        let query = query.to_owned();
+        let (app, s) = (&app, &s);
+        async move { app.logs(&s.owner, &s.site_id, &query).await }
+    };
+    assert_eq!(q("").await["items"].as_array().unwrap().len(), 8);
+    assert_eq!(
+        q("decision=allow").await["items"].as_array().unwrap().len(),
+        5
+    );
+    assert_eq!(
+        q("decision=deny&reason=invalid_token").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        q(&format!("token_id={}", s.token_id)).await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(q("plan=pro").await["items"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        q("path_prefix=/v1/hotels").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        q("from=2000-01-01T00:00:00Z&to=2001-01-01T00:00:00Z").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // Cursor pages: newest first, no duplicates, nothing lost.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = q(&format!("limit=3{cursor}")).await;
+        for item in page["items"].as_array().unwrap() {
+            seen.push((
+                item["ts_ms"].as_u64().unwrap(),
+                item["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 8);
+    assert!(seen.windows(2).all(|w| w[0] >= w[1]));
+
+    let res = app
+        .get(
+            &s.owner,
+            &format!(
+                "/api/sites/{}/logs/export?format=ndjson&decision=allow",
+                s.site_id
+            ),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "content-type"), Some("application/x-ndjson"));
+    let text = res.text().await.unwrap();
+    assert_eq!(text.lines().count(), 5);
+    assert!(text
+        .lines()
+        .all(|l| serde_json::from_str::<Value>(l).unwrap()["decision"] == "allow"));
+    let csv = app
+        .get(
+            &s.owner,
+            &format!("/api/sites/{}/logs/export?format=csv", s.site_id),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "id,timestamp,site_id,token_id,plan,method,path,decision,reason,remaining,latency_ms,mode"
+    );
+    assert_eq!(lines.count(), 8);
+    assert_eq!(
+        app.get(
+            &s.owner,
+            &format!("/api/sites/{}/logs/export?format=xml", s.site_id)
+        )
+        .await
+        .status(),
+        422
+    );
+}
+
+#[tokio::test]
+async fn own_endpoints_carry_security_headers_and_are_rate_limited() {
+    let app = spawn_app_with(Config {
+        dashboard_requests_per_second: 5,
+        ..test_config()
+    })
+    .await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    for path in ["/api/health", "/api/sites", "/api/nowhere"] {
+        let res = app.get(&owner, path).await;
+        for (h, v) in [
+            ("x-content-type-options", "nosniff"),
+            ("x-frame-options", "DENY"),
+            ("content-security-policy", "default-src 'none'"),
+            ("referrer-policy", "no-referrer"),
+        ] {
+            assert_eq!(header(&res, h), Some(v), "{path} {h}");
+        }
+        assert!(header(&res, "strict-transport-security").is_some());
+        assert!(header(&res, "x-payfence-request-id").is_some());
+    }
+    let mut limited = None;
+    for _ in 0..20 {
+        let res = app.get(&owner, "/api/sites").await;
+        assert!(header(&res, "x-ratelimit-limit").is_some());
+        if res.status() == 429 {
+            limited = Some(res);
+            break;
+        }
+    }
+    let res = limited.expect("the dashboard limit applies");
+    assert!(header(&res, "retry-after").is_some());
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+}
+
+#[tokio::test]
+async fn health_reports_the_store() {
+    let app = spawn_app().await;
+    let res = app.http.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let h: Value = res.json().await.unwrap();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["checks"]["store"]["status"], "ok");
+    assert!(h["checks"]["store"]["latency_ms"].as_f64().unwrap() >= 0.0);
+    assert!(h["version"].is_string());
+}

@@ -1,0 +1,343 @@
+//! Proxy mode through HTTP, against a real origin that verifies signatures.
+
+mod common;
+
+use common::*;
+use payfence_core::auth::Role;
+use payfence_core::config::Config;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+#[tokio::test]
+async fn allowed_request_reaches_origin_signed_and_intact() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 100_000).await;
+    let body = "x".repeat(100_000) + "end";
+    let res = app
+        .http
+        .post(app.url(&format!(
+            "/p/{}/v1/flights/search?from=OSL&to=SFO&x=a%20b",
+            s.site_id
+        )))
+        .bearer_auth(&s.token)
+        .header("x-custom", "kept")
+        .header("x-payfence-signature", "sha256=forged")
+        .header("x-payfence-token-id", "tok_forged")
+        .header("x-respond-with", "hello back")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_rate_headers(&res);
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some("600"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("599"));
+    assert_eq!(header(&res, "x-origin"), Some("yes"));
+    assert!(header(&res, "x-payfence-request-id").is_some());
+    assert_eq!(res.text().await.unwrap(), "hello back");
+
+    let seen = s.origin.last();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(
+        seen.path_and_query,
+        "/v1/flights/search?from=OSL&to=SFO&x=a%20b"
+    );
+    assert_eq!(seen.body_len, body.len());
+    assert_eq!(
+        seen.body_sha256,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()))
+    );
+    let h = |n: &str| seen.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        h("authorization"),
+        None,
+        "the token must not reach the origin"
+    );
+    assert_eq!(h("x-custom").as_deref(), Some("kept"));
+    assert_eq!(h("x-payfence-token-id"), Some(s.token_id.clone()));
+    assert_eq!(h("x-payfence-plan").as_deref(), Some("pro"));
+    assert!(h("x-payfence-request-id").is_some());
+    let ts: u64 = h("x-payfence-timestamp").unwrap().parse().unwrap();
+    assert_eq!(
+        h("x-payfence-signature").unwrap(),
+        payfence_signing::sign(&[&s.secret], "POST", &seen.path_and_query, ts)
+    );
+}
+
+#[tokio::test]
+async fn token_header_lets_consumer_authorization_through() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 100_000).await;
+    let res = app
+        .http
+        .get(app.url(&format!("/p/{}/me", s.site_id)))
+        .header("x-payfence-token", &s.token)
+        .header("authorization", "Basic dXNlcjpwdw==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = s.origin.last();
+    assert_eq!(
+        seen.headers.get("authorization").unwrap(),
+        "Basic dXNlcjpwdw=="
+    );
+    assert!(seen.headers.get("x-payfence-token").is_none());
+    // The site root is reachable too.
+    let res = app.proxy_get(&s.site_id, "", &s.token).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.origin.last().path_and_query, "/");
+}
+
+async fn problem(res: reqwest::Response) -> Value {
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    res.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn denials_have_the_right_status_reason_and_headers() {
+    let app = spawn_app().await;
+    let s = app.setup(10, 100_000).await;
+
+    // Missing and unknown tokens: 401, never reach the origin.
+    let res = app
+        .http
+        .get(app.url(&format!("/p/{}/x", s.site_id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(problem(res).await["reason"], "missing_token");
+    for garbage in [
+        "nonsense",
+        "pf_live_short",
+        &format!("pf_live_{}", "A".repeat(43)),
+    ] {
+        let res = app
+            .http
+            .get(app.url(&format!("/p/{}/x", s.site_id)))
+            .header("x-payfence-token", garbage)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{garbage}");
+        let p = problem(res).await;
+        assert_eq!(p["reason"], "invalid_token", "{garbage}");
+        assert!(
+            !p.to_string().contains(garbage),
+            "a problem never echoes the token"
+        );
+    }
+
+    // Unknown site: 404.
+    let res = app.proxy_get("site_0000000000000000", "/x", &s.token).await;
+    assert_eq!(res.status(), 404);
+    let res = app.proxy_get("not-a-site", "/x", &s.token).await;
+    assert_eq!(res.status(), 404);
+
+    // A token of another site: 403.
+    let other = app.setup(10, 100).await;
+    let res = app.proxy_get(&s.site_id, "/x", &other.token).await;
+    assert_eq!(res.status(), 403);
+
+    // Rate limited: 429 with Retry-After and the rate-limit headers.
+    avoid_minute_boundary().await;
+    for _ in 0..10 {
+        assert_eq!(
+            app.proxy_get(&s.site_id, "/x", &s.token).await.status(),
+            200
+        );
+    }
+    let res = app.proxy_get(&s.site_id, "/x", &s.token).await;
+    assert_eq!(res.status(), 429);
+    assert_rate_headers(&res);
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+    let retry: u64 = header(&res, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=121).contains(&retry));
+    assert_eq!(problem(res).await["reason"], "rate_limited");
+    assert_eq!(
+        s.origin.count(),
+        10,
+        "denied requests never reach the origin"
+    );
+
+    // Revoked: 403 on the very next request.
+    let res = app
+        .http
+        .delete(app.url(&format!(
+            "/api/sites/{}/tokens/{}",
+            other.site_id, other.token_id
+        )))
+        .bearer_auth(&other.owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let res = app.proxy_get(&other.site_id, "/x", &other.token).await;
+    assert_eq!(res.status(), 403);
+    assert_eq!(problem(res).await["reason"], "token_revoked");
+}
+
+#[tokio::test]
+async fn quota_exhaustion_is_429_until_next_month() {
+    let app = spawn_app().await;
+    let s = app.setup(10_000, 3).await;
+    for _ in 0..3 {
+        assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    }
+    let res = app.proxy_get(&s.site_id, "/", &s.token).await;
+    assert_eq!(res.status(), 429);
+    let retry: u64 = header(&res, "retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 31 * 86_400);
+    assert!(header(&res, "ratelimit").unwrap().contains("\"month\";r=0"));
+    assert_eq!(problem(res).await["reason"], "quota_exceeded");
+}
+
+#[tokio::test]
+async fn failed_attempts_per_client_are_limited() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let res = app
+        .http
+        .patch(app.url(&format!("/api/sites/{}", s.site_id)))
+        .bearer_auth(&owner)
+        .json(&json!({"failed_attempts_per_minute": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let bad = format!("pf_live_{}", "B".repeat(43));
+    for _ in 0..3 {
+        assert_eq!(app.proxy_get(&s.site_id, "/", &bad).await.status(), 401);
+    }
+    let res = app.proxy_get(&s.site_id, "/", &bad).await;
+    assert_eq!(res.status(), 429);
+    assert!(header(&res, "retry-after").is_some());
+    assert_eq!(problem(res).await["reason"], "site_rate_limited");
+}
+
+#[tokio::test]
+async fn origin_unreachable_is_502_and_slow_is_504() {
+    let config = Config {
+        origin_timeout: Duration::from_millis(500),
+        ..test_config()
+    };
+    let app = spawn_app_with(config).await;
+    let s = app.setup(600, 1000).await;
+    let res = app.proxy_get(&s.site_id, "/slow", &s.token).await;
+    assert_eq!(res.status(), 504);
+    assert_rate_headers(&res);
+
+    // An origin that is not listening.
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let (l, addr) = bind_origin().await;
+    drop(l);
+    let site = app.create_site(&owner, &format!("http://{addr}")).await;
+    let site_id = site["site_id"].as_str().unwrap();
+    let plan = app.create_plan(&owner, site_id, 60, 10).await;
+    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+    let res = app.proxy_get(site_id, "/", &token).await;
+    assert_eq!(res.status(), 502);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+}
+
+#[tokio::test]
+async fn private_origins_are_refused_at_connect_time_without_the_local_flag() {
+    // allow_http_origins off: even a site stored with a loopback origin is not reached.
+    let app = spawn_app_with(Config::default()).await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let res = app
+        .post(
+            &owner,
+            "/api/sites",
+            json!({"name": "x", "origin_url": "https://127.0.0.1:9"}),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["field"], "origin_url");
+}
+
+#[tokio::test]
+async fn streams_a_large_upload() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    // 64 MiB in 64 KiB chunks, generated on the fly.
+    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let stream =
+        futures_util::stream::iter((0..1024).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let res = app
+        .http
+        .put(app.url(&format!("/p/{}/upload", s.site_id)))
+        .bearer_auth(&s.token)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.origin.last().body_len, 64 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn dot_segments_are_refused() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    for p in ["/a/%2e%2e/b", "/%2E%2E/etc/passwd", "/../x", "/a/./b"] {
+        let req = format!(
+            "GET /p/{}{p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            s.site_id, s.token
+        );
+        let res = raw_request(&app.base, req.as_bytes()).await;
+        assert!(res.starts_with("HTTP/1.1 400"), "{p}: {res}");
+    }
+    assert_eq!(s.origin.count(), 0);
+}
+
+#[tokio::test]
+async fn one_audit_record_per_decision() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/v1/flights?api_key=hide", &s.token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/v1/hotels", "garbage")
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        app.http
+            .get(app.url(&format!("/p/{}/v1/cars", s.site_id)))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let logs = app.logs(&s.owner, &s.site_id, "").await;
+    let items = logs["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0]["path"], "/v1/cars");
+    assert_eq!(items[0]["reason"], "missing_token");
+    assert_eq!(items[1]["reason"], "invalid_token");
+    assert_eq!(items[2]["decision"], "allow");
+    assert_eq!(items[2]["token_id"], s.token_id.as_str());
+    assert_eq!(items[2]["plan"], "pro");
+    assert_eq!(items[2]["mode"], "proxy");
+    assert_eq!(items[2]["remaining"], 999);
+    for field in ["id", "timestamp", "site_id", "method", "latency_ms"] {
+        assert!(!items[2][field].is_null(), "{field}");
+    }
+    assert!(!logs.to_string().contains(&s.token));
+}
