@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Load the running local server with wrk; compare with the origin directly and with
+# nginx proxy_pass. Needs: wrk, nginx (Debian packages), curl, python3.
+#   bash bench/run.sh            # results to stdout; see docs/performance.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
+DUR="${DUR:-10s}"
+cargo build --release -q -p payfence-local
+BIN="$CARGO_TARGET_DIR/release/payfence-local"
+WORK=$(mktemp -d)
+PF=127.0.0.1:18787; ORIGIN=127.0.0.1:18081; NGINX_PROXY=127.0.0.1:18082
+cleanup() { kill "$PF_PID" 2>/dev/null || true; nginx -p "$WORK" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# The origin (nginx answering "ok"), and nginx proxy_pass to it for comparison.
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_max_body_size 0;
+  client_body_temp_path $WORK;
+  proxy_temp_path $WORK;
+  upstream origin { server $ORIGIN; keepalive 256; }
+  server { listen $ORIGIN; location / { return 200 "ok\n"; } }
+  server { listen $NGINX_PROXY; location / {
+      proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGINX
+nginx -p "$WORK" -c nginx.conf
+
+"$BIN" --listen $PF --data-dir "$WORK/data" --allow-http-origins >"$WORK/pf.out" 2>/dev/null &
+PF_PID=$!
+for _ in $(seq 100); do grep -q "PayFence listening" "$WORK/pf.out" 2>/dev/null && break; sleep 0.1; done
+
+JWT=$("$BIN" dev-token --data-dir "$WORK/data" --sub bench --role site_owner)
+api() { curl -sf "http://$PF$1" -H "Authorization: Bearer $JWT" -H 'Content-Type: application/json' -d "$2"; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+SITE=$(api /api/sites "{\"name\":\"bench\",\"origin_url\":\"http://$ORIGIN\",\"site_requests_per_second\":100000}" | field site_id)
+PLAN=$(api /api/sites/$SITE/plans '{"name":"bench","requests_per_minute":10000,"monthly_quota":1000000000}' | field plan_id)
+KEY=$(curl -sf -X POST "http://$PF/api/sites/$SITE/api-keys" -H "Authorization: Bearer $JWT" | field key)
+# 300 tokens so the 10,000/min per-token limit never binds: every request is a full allow.
+for _ in $(seq 300); do api /api/sites/$SITE/tokens "{\"plan_id\":\"$PLAN\"}" | field token; done > "$WORK/tokens.txt"
+
+cat > "$WORK/tokens.lua" <<LUA
+local tokens = {}
+for line in io.lines("$WORK/tokens.txt") do tokens[#tokens + 1] = line end
+math.randomseed(os.time())
+local mode = os.getenv("MODE")
+request = function()
+  local t = tokens[math.random(#tokens)]
+  if mode == "authorize" then
+    return wrk.format("POST", "/v1/authorize",
+      {["Authorization"] = "Bearer $KEY", ["Content-Type"] = "application/json"},
+      '{"token":"' .. t .. '","method":"GET","path":"/v1/flights"}')
+  end
+  return wrk.format("GET", "/p/$SITE/v1/flights?from=OSL", {["Authorization"] = "Bearer " .. t})
+end
+LUA
+
+run() { # name url conns [script]
+  local out
+  if [ -n "${4:-}" ]; then out=$(MODE=$4 wrk -t2 -c"$3" -d"$DUR" --latency -s "$WORK/tokens.lua" "$2"); else out=$(wrk -t2 -c"$3" -d"$DUR" --latency "$2"); fi
+  local rps p50 p99 non2xx
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  printf '| %-22s | %3s | %10s | %8s | %8s | %s |\n' "$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}"
+}
+echo "| target | conns | req/s | p50 | p99 | non-2xx |"
+echo "|---|---|---|---|---|---|"
+for c in 32 64; do
+  run "authorize (middleware)" "http://$PF" $c authorize
+  run "proxy (PayFence)" "http://$PF" $c proxy
+  run "origin directly" "http://$ORIGIN/v1/flights?from=OSL" $c
+  run "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" $c
+done
+
+# RSS while streaming a 1 GiB upload through the proxy.
+TOKEN=$(head -1 "$WORK/tokens.txt")
+rss() { awk '/VmRSS/ {print $2}' /proc/$PF_PID/status; }
+echo
+echo "RSS before upload: $(rss) kB"
+( head -c 1073741824 /dev/zero | curl -s -o /dev/null -w 'upload: HTTP %{http_code}, %{size_upload} bytes in %{time_total} s\n' \
+    -X PUT -T - "http://$PF/p/$SITE/upload" -H "Authorization: Bearer $TOKEN" ) &
+UP=$!
+max=0
+while kill -0 $UP 2>/dev/null; do r=$(rss); [ "$r" -gt "$max" ] && max=$r; sleep 0.2; done
+wait $UP
+echo "RSS peak during upload: $max kB; after: $(rss) kB"
