@@ -110,41 +110,32 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
     let jwt = dev_token(dir.path(), "alice", "site_owner"); // while the server runs
 
     let (listener, addr) = bind_origin().await;
-    let site: Value = http
-        .post(format!("{}/api/sites", server.base))
-        .bearer_auth(&jwt)
-        .json(&json!({"name": "Travel", "origin_url": format!("http://{addr}")}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let site: Value = post_json(
+        &http,
+        &format!("{}/api/sites", server.base),
+        &jwt,
+        &json!({"name": "Travel", "origin_url": format!("http://{addr}")}),
+    )
+    .await;
     let site_id = site["site_id"].as_str().unwrap().to_owned();
     let origin = serve_origin(
         listener,
         payfence_signing::Verifier::new(site["signing_secret"].as_str().unwrap()),
     );
-    let plan: Value = http
-        .post(format!("{}/api/sites/{site_id}/plans", server.base))
-        .bearer_auth(&jwt)
-        .json(&json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let tok: Value = http
-        .post(format!("{}/api/sites/{site_id}/tokens", server.base))
-        .bearer_auth(&jwt)
-        .json(&json!({"plan_id": plan["plan_id"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plan: Value = post_json(
+        &http,
+        &format!("{}/api/sites/{site_id}/plans", server.base),
+        &jwt,
+        &json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}),
+    )
+    .await;
+    let tok: Value = post_json(
+        &http,
+        &format!("{}/api/sites/{site_id}/tokens", server.base),
+        &jwt,
+        &json!({"plan_id": plan["plan_id"]}),
+    )
+    .await;
     let token = tok["token"].as_str().unwrap().to_owned();
 
     let marker = format!("MARKER-{}", uuid_like());
@@ -223,6 +214,18 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
         .await
         .unwrap();
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
+}
+
+async fn post_json(http: &reqwest::Client, url: &str, jwt: &str, body: &Value) -> Value {
+    let res = http
+        .post(url)
+        .bearer_auth(jwt)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{url}: {}", res.status());
+    res.json().await.unwrap()
 }
 
 fn uuid_like() -> String {
