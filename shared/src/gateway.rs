@@ -98,9 +98,37 @@ impl Decision {
     }
 }
 
-struct Cached<T> {
-    value: T,
-    at: Instant,
+/// A bounded map whose entries are served for at most `ttl`.
+struct TtlCache<K, V> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, (V, Instant)>>,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            map: Mutex::default(),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        let map = self.map.lock().unwrap();
+        let (value, at) = map.get(key)?;
+        (at.elapsed() < self.ttl).then(|| value.clone())
+    }
+
+    fn put(&self, key: K, value: V) {
+        let mut map = self.map.lock().unwrap();
+        if map.len() >= MAX_CACHED {
+            map.clear();
+        }
+        map.insert(key, (value, Instant::now()));
+    }
+
+    fn retain(&self, keep: impl Fn(&K) -> bool) {
+        self.map.lock().unwrap().retain(|k, _| keep(k));
+    }
 }
 
 /// Immutable token facts: a token's hash, id, site and plan never change.
@@ -120,9 +148,8 @@ type PlanInfo = (String, PlanLimits);
 pub struct Gateway {
     store: Arc<dyn Store>,
     sealing: SealingKey,
-    ttl: Duration,
-    sites: Mutex<HashMap<String, Cached<Arc<SiteView>>>>,
-    plans: Mutex<HashMap<(String, String), Cached<PlanInfo>>>,
+    sites: TtlCache<String, Arc<SiteView>>,
+    plans: TtlCache<(String, String), PlanInfo>,
     tokens: Mutex<HashMap<String, TokenRef>>,
     /// (site, client hash) -> blocked until (unix ms), learned from failed attempts.
     blocked: Mutex<HashMap<(String, String), u64>>,
@@ -133,9 +160,8 @@ impl Gateway {
         Self {
             store,
             sealing,
-            ttl,
-            sites: Mutex::default(),
-            plans: Mutex::default(),
+            sites: TtlCache::new(ttl),
+            plans: TtlCache::new(ttl),
             tokens: Mutex::default(),
             blocked: Mutex::default(),
         }
@@ -151,62 +177,34 @@ impl Gateway {
 
     /// Forget cached site and plan data (after a change made in this process).
     pub fn invalidate_site(&self, site_id: &str) {
-        self.sites.lock().unwrap().remove(site_id);
-        self.plans.lock().unwrap().retain(|(s, _), _| s != site_id);
+        self.sites.retain(|s| s != site_id);
+        self.plans.retain(|(s, _)| s != site_id);
     }
 
     /// The site, from cache (at most `ttl` old) or the store.
     pub async fn site(&self, site_id: &str) -> Result<Option<Arc<SiteView>>, GatewayError> {
-        if let Some(c) = self.sites.lock().unwrap().get(site_id) {
-            if c.at.elapsed() < self.ttl {
-                return Ok(Some(c.value.clone()));
-            }
+        if let Some(view) = self.sites.get(&site_id.to_owned()) {
+            return Ok(Some(view));
         }
         let Some(site) = self.store.get_site(site_id).await? else {
             return Ok(None);
         };
         let view = Arc::new(SiteView::open(site, &self.sealing)?);
-        let mut sites = self.sites.lock().unwrap();
-        if sites.len() >= MAX_CACHED {
-            sites.clear();
-        }
-        sites.insert(
-            site_id.to_owned(),
-            Cached {
-                value: view.clone(),
-                at: Instant::now(),
-            },
-        );
+        self.sites.put(site_id.to_owned(), view.clone());
         Ok(Some(view))
     }
 
-    async fn plan(
-        &self,
-        site_id: &str,
-        plan_id: &str,
-    ) -> Result<Option<(String, PlanLimits)>, GatewayError> {
+    async fn plan(&self, site_id: &str, plan_id: &str) -> Result<Option<PlanInfo>, GatewayError> {
         let key = (site_id.to_owned(), plan_id.to_owned());
-        if let Some(c) = self.plans.lock().unwrap().get(&key) {
-            if c.at.elapsed() < self.ttl {
-                return Ok(Some(c.value.clone()));
-            }
+        if let Some(info) = self.plans.get(&key) {
+            return Ok(Some(info));
         }
         let Some(plan) = self.store.get_plan(site_id, plan_id).await? else {
             return Ok(None);
         };
-        let value = (plan.name.clone(), plan.limits());
-        let mut plans = self.plans.lock().unwrap();
-        if plans.len() >= MAX_CACHED {
-            plans.clear();
-        }
-        plans.insert(
-            key,
-            Cached {
-                value: value.clone(),
-                at: Instant::now(),
-            },
-        );
-        Ok(Some(value))
+        let info = (plan.name.clone(), plan.limits());
+        self.plans.put(key, info.clone());
+        Ok(Some(info))
     }
 
     async fn resolve_token(&self, token: &str) -> Result<Option<TokenRef>, GatewayError> {
