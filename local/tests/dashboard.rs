@@ -520,3 +520,22 @@ async fn health_reports_the_store() {
     assert!(h["checks"]["store"]["latency_ms"].as_f64().unwrap() >= 0.0);
     assert!(h["version"].is_string());
 }
+
+#[tokio::test]
+async fn jwks_are_fetched_from_a_url_as_with_cognito() {
+    let app = spawn_app().await;
+    let client = payfence_core::origin::origin_client(true, std::time::Duration::from_secs(2));
+    let verifier = payfence_core::auth::JwtVerifier::with_url(
+        payfence_local::ISSUER,
+        payfence_local::AUDIENCE,
+        &app.url("/.well-known/jwks.json"),
+        client,
+    );
+    let token = app.jwt("dana", Role::Admin);
+    let p = verifier.verify(&token).await.unwrap();
+    assert_eq!((p.sub.as_str(), p.role), ("dana", Role::Admin));
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = payfence_local::Issuer::load_or_create(other_dir.path()).unwrap();
+    let foreign = other.token("dana", Role::Admin, std::time::Duration::from_secs(60));
+    assert!(verifier.verify(&foreign).await.is_err());
+}
