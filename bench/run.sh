@@ -2,12 +2,18 @@
 # Load the running local server with wrk; compare with the origin directly and with
 # nginx proxy_pass. Needs: wrk, nginx (Debian packages), curl, python3.
 #   bash bench/run.sh            # results to stdout; see docs/performance.md
+# Options (environment): DUR=10s per run; CONNS="32 64"; ONLY="authorize proxy direct nginx";
+# PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
 DUR="${DUR:-10s}"
-cargo build --release -q -p payfence-local
-BIN="$CARGO_TARGET_DIR/release/payfence-local"
+PROFILE="${PROFILE:-release}"
+CONNS="${CONNS:-32 64}"
+ONLY="${ONLY:-authorize proxy direct nginx}"
+UPLOAD="${UPLOAD:-1}"
+cargo build --profile "$PROFILE" -q -p payfence-local
+BIN="$CARGO_TARGET_DIR/$PROFILE/payfence-local"
 WORK=$(mktemp -d)
 PF=127.0.0.1:18787; ORIGIN=127.0.0.1:18081; NGINX_PROXY=127.0.0.1:18082
 cleanup() { kill "$PF_PID" 2>/dev/null || true; nginx -p "$WORK" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$WORK"; }
@@ -34,6 +40,7 @@ nginx -p "$WORK" -c nginx.conf
 
 "$BIN" --listen $PF --data-dir "$WORK/data" --allow-http-origins >"$WORK/pf.out" 2>/dev/null &
 PF_PID=$!
+echo "payfence-local pid $PF_PID" >&2
 for _ in $(seq 100); do grep -q "PayFence listening" "$WORK/pf.out" 2>/dev/null && break; sleep 0.1; done
 
 JWT=$("$BIN" dev-token --data-dir "$WORK/data" --sub bench --role site_owner)
@@ -73,12 +80,14 @@ run() { # name url conns [script]
 }
 echo "| target | conns | req/s | p50 | p99 | non-2xx |"
 echo "|---|---|---|---|---|---|"
-for c in 32 64; do
-  run "authorize (middleware)" "http://$PF" $c authorize
-  run "proxy (PayFence)" "http://$PF" $c proxy
-  run "origin directly" "http://$ORIGIN/v1/flights?from=OSL" $c
-  run "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" $c
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+for c in $CONNS; do
+  if want authorize; then run "authorize (middleware)" "http://$PF" "$c" authorize; fi
+  if want proxy; then run "proxy (PayFence)" "http://$PF" "$c" proxy; fi
+  if want direct; then run "origin directly" "http://$ORIGIN/v1/flights?from=OSL" "$c"; fi
+  if want nginx; then run "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" "$c"; fi
 done
+[ "$UPLOAD" = 1 ] || exit 0
 
 # RSS while streaming a 1 GiB upload through the proxy.
 TOKEN=$(head -1 "$WORK/tokens.txt")

@@ -14,7 +14,7 @@ use crate::domain::{
 use crate::ids;
 use crate::limits::{PlanLimits, Verdict};
 use crate::seal::SealingKey;
-use crate::store::{CountRequest, Counted, Store, StoreError};
+use crate::store::{already_durable, CountRequest, Counted, Durable, Store, StoreError};
 
 /// A site as the hot path needs it, with its signing secrets opened.
 pub struct SiteView {
@@ -228,8 +228,9 @@ impl Gateway {
         Ok(Some(r))
     }
 
-    /// Decide one request for `site`. Writes exactly one audit record.
-    pub async fn authorize(&self, req: AuthorizeRequest<'_>) -> Result<Decision, GatewayError> {
+    /// Decide one request for `site`. Writes exactly one audit record. The caller
+    /// must await `durable` before it answers anyone (see [`crate::store::Counting`]).
+    pub async fn authorize(&self, req: AuthorizeRequest<'_>) -> Result<Authorized, GatewayError> {
         let now = now_ms();
         let site = &req.site.site;
         let client = req.client_ip.map(|ip| self.sealing.client_hash(&ip));
@@ -272,7 +273,7 @@ impl Gateway {
                 let mut d = Decision::deny(Reason::SiteRateLimited);
                 d.retry_after = Some((until - now).div_ceil(1000));
                 self.store.append_audit(audit(&d)).await?;
-                return Ok(d);
+                return Ok(Authorized::now(d));
             }
         }
 
@@ -298,7 +299,7 @@ impl Gateway {
                         blocked.insert((site.site_id.clone(), c), now + 60_000);
                     }
                 }
-                return Ok(d);
+                return Ok(Authorized::now(d));
             }
         };
 
@@ -308,14 +309,14 @@ impl Gateway {
                 ..Decision::deny(Reason::InvalidToken)
             };
             self.store.append_audit(audit(&d)).await?;
-            return Ok(d);
+            return Ok(Authorized::now(d));
         }
 
         let Some((plan_name, limits)) = self.plan(&site.site_id, &token.plan_id).await? else {
             // The token's plan is gone: treat the token as unusable.
             let d = Decision::deny(Reason::TokenRevoked);
             self.store.append_audit(audit(&d)).await?;
-            return Ok(d);
+            return Ok(Authorized::now(d));
         };
 
         let mut decision = Decision {
@@ -324,7 +325,7 @@ impl Gateway {
             limits: Some(limits),
             ..Default::default()
         };
-        let counted = self
+        let counting = self
             .store
             .count_request(CountRequest {
                 site_id: site.site_id.clone(),
@@ -336,7 +337,7 @@ impl Gateway {
                 audit: audit(&decision),
             })
             .await?;
-        match counted {
+        match counting.counted {
             Counted::Revoked => {
                 decision.reason = Some(Reason::TokenRevoked);
                 decision.limits = None;
@@ -356,7 +357,25 @@ impl Gateway {
                 decision.retry_after = e.retry_after_secs;
             }
         }
-        Ok(decision)
+        Ok(Authorized {
+            decision,
+            durable: counting.durable,
+        })
+    }
+}
+
+/// A decision and the future that makes it durable.
+pub struct Authorized {
+    pub decision: Decision,
+    pub durable: Durable,
+}
+
+impl Authorized {
+    fn now(decision: Decision) -> Self {
+        Self {
+            decision,
+            durable: already_durable(),
+        }
     }
 }
 

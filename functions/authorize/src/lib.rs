@@ -108,7 +108,7 @@ async fn authorize(
         .site(&key.site_id)
         .await?
         .ok_or_else(unauthorized)?;
-    let d = st
+    let authorized = st
         .gateway
         .authorize(AuthorizeRequest {
             site: &site,
@@ -120,6 +120,8 @@ async fn authorize(
             started,
         })
         .await?;
+    authorized.durable.await?;
+    let d = authorized.decision;
     let mut res = json(http::StatusCode::OK, &decision_body(&d));
     decision_headers(res.headers_mut(), &d);
     res.extensions_mut().insert(LogFields {

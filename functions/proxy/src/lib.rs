@@ -167,7 +167,7 @@ async fn handle(
     let token = via_header
         .clone()
         .or_else(|| bearer(req.headers()).map(str::to_owned));
-    let decision = st
+    let authorized = st
         .app
         .gateway
         .authorize(AuthorizeRequest {
@@ -180,12 +180,14 @@ async fn handle(
             started,
         })
         .await?;
+    let (decision, durable) = (authorized.decision, authorized.durable);
     let auth_done = Instant::now();
     log.auth_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
     log.token_id = decision.token_id.clone();
     log.decision = Some(if decision.allowed { "allow" } else { "deny" });
     log.reason = decision.reason.map(|r| r.as_str());
     if !decision.allowed {
+        durable.await?;
         return Ok(denial(&decision));
     }
 
@@ -261,7 +263,12 @@ async fn handle(
     parts.extensions = Default::default();
     let upstream = http::Request::from_parts(parts, body);
 
-    let result = tokio::time::timeout(st.timeout, st.client.request(upstream)).await;
+    // The origin hop overlaps the commit; nothing reaches the client before both.
+    let (result, durable) = tokio::join!(
+        tokio::time::timeout(st.timeout, st.client.request(upstream)),
+        durable
+    );
+    durable?;
     log.origin_ms = Some(auth_done.elapsed().as_secs_f64() * 1000.0);
     let mut res = match result {
         Err(_) => {

@@ -119,11 +119,11 @@ impl EmbeddedStore {
         Ok(Self { db, jobs: tx })
     }
 
-    /// Run `f` in the next write transaction; answered after it commits.
-    async fn write<R: Send + 'static>(
+    /// Queue `f` for the next write transaction; the receiver answers after it commits.
+    async fn submit<R: Send + 'static>(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<R> + Send + 'static,
-    ) -> Result<R> {
+    ) -> Result<oneshot::Receiver<Result<R>>> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |txn| {
             let (status, value) = match f(txn) {
@@ -149,7 +149,18 @@ impl EmbeddedStore {
                 return Err(unavailable("store writer stopped"))
             }
         }
-        rx.await.map_err(|_| unavailable("store writer stopped"))?
+        Ok(rx)
+    }
+
+    /// Run `f` in the next write transaction; answered after it commits.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.submit(f)
+            .await?
+            .await
+            .map_err(|_| unavailable("store writer stopped"))?
     }
 
     fn read<R>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<R>) -> Result<R> {
@@ -411,84 +422,106 @@ fn put_audit(txn: &WriteTransaction, record: &AuditRecord) -> Result<()> {
     Ok(())
 }
 
+/// The atomic check-and-count, inside the writer's transaction.
+fn count_in(txn: &WriteTransaction, req: CountRequest) -> Result<Counted> {
+    let mut audit = req.audit;
+    let token: Option<Token> = get(
+        &txn.open_table(TOKENS).map_err(unavailable)?,
+        &format!("{}/{}", req.site_id, req.token_id),
+    )?;
+    if token.is_none_or(|t| t.revoked_at.is_some()) {
+        audit.decision = DecisionKind::Deny;
+        audit.reason = Some(Reason::TokenRevoked);
+        put_audit(txn, &audit)?;
+        return Ok(Counted::Revoked);
+    }
+    let mut usage_t = txn.open_table(USAGE).map_err(unavailable)?;
+    let mut site_t = txn.open_table(SITE_USAGE).map_err(unavailable)?;
+    let usage: TokenUsage = get(&usage_t, &req.token_id)?.unwrap_or_default();
+    let site: SecondWindow = get(&site_t, &req.site_id)?.unwrap_or_default();
+    let eval = limits::evaluate(
+        usage,
+        site,
+        req.limits,
+        req.site_requests_per_second,
+        req.now_ms,
+    );
+    audit.remaining = Some(eval.remaining_quota);
+    if eval.verdict == Verdict::Allow {
+        usage_t
+            .insert(req.token_id.as_str(), encode(&eval.usage).as_slice())
+            .map_err(unavailable)?;
+        site_t
+            .insert(req.site_id.as_str(), encode(&eval.site).as_slice())
+            .map_err(unavailable)?;
+        audit.decision = DecisionKind::Allow;
+        audit.reason = None;
+        if !eval.events.is_empty() {
+            let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
+            for kind in &eval.events {
+                let kind_s = match kind {
+                    QuotaEventKind::Warning => "warning",
+                    QuotaEventKind::Exhausted => "exhausted",
+                };
+                let key = format!(
+                    "{}/{}/{}/{}",
+                    req.site_id, req.token_id, eval.usage.quota.period, kind_s
+                );
+                if events.get(key.as_str()).map_err(unavailable)?.is_none() {
+                    let event = QuotaEvent {
+                        event_id: crate::ids::event_id(),
+                        site_id: req.site_id.clone(),
+                        token_id: req.token_id.clone(),
+                        plan: req.plan_name.clone(),
+                        kind: *kind,
+                        used: eval.usage.quota.used,
+                        quota: req.limits.monthly_quota,
+                        period: eval.usage.quota.period,
+                        created_at: req.now_ms / 1000,
+                        status: "pending".into(),
+                    };
+                    events
+                        .insert(key.as_str(), encode(&event).as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+    } else {
+        audit.decision = DecisionKind::Deny;
+        audit.reason = Some(match eval.verdict {
+            Verdict::SiteRateLimited => Reason::SiteRateLimited,
+            Verdict::QuotaExceeded => Reason::QuotaExceeded,
+            _ => Reason::RateLimited,
+        });
+    }
+    put_audit(txn, &audit)?;
+    Ok(Counted::Evaluated(eval))
+}
+
 #[async_trait]
 impl UsageStore for EmbeddedStore {
-    async fn count_request(&self, req: CountRequest) -> Result<Counted> {
-        self.write(move |txn| {
-            let mut audit = req.audit;
-            let token: Option<Token> = get(
-                &txn.open_table(TOKENS).map_err(unavailable)?,
-                &format!("{}/{}", req.site_id, req.token_id),
-            )?;
-            if token.is_none_or(|t| t.revoked_at.is_some()) {
-                audit.decision = DecisionKind::Deny;
-                audit.reason = Some(Reason::TokenRevoked);
-                put_audit(txn, &audit)?;
-                return Ok(Counted::Revoked);
-            }
-            let mut usage_t = txn.open_table(USAGE).map_err(unavailable)?;
-            let mut site_t = txn.open_table(SITE_USAGE).map_err(unavailable)?;
-            let usage: TokenUsage = get(&usage_t, &req.token_id)?.unwrap_or_default();
-            let site: SecondWindow = get(&site_t, &req.site_id)?.unwrap_or_default();
-            let eval = limits::evaluate(
-                usage,
-                site,
-                req.limits,
-                req.site_requests_per_second,
-                req.now_ms,
-            );
-            audit.remaining = Some(eval.remaining_quota);
-            if eval.verdict == Verdict::Allow {
-                usage_t
-                    .insert(req.token_id.as_str(), encode(&eval.usage).as_slice())
-                    .map_err(unavailable)?;
-                site_t
-                    .insert(req.site_id.as_str(), encode(&eval.site).as_slice())
-                    .map_err(unavailable)?;
-                audit.decision = DecisionKind::Allow;
-                audit.reason = None;
-                if !eval.events.is_empty() {
-                    let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
-                    for kind in &eval.events {
-                        let kind_s = match kind {
-                            QuotaEventKind::Warning => "warning",
-                            QuotaEventKind::Exhausted => "exhausted",
-                        };
-                        let key = format!(
-                            "{}/{}/{}/{}",
-                            req.site_id, req.token_id, eval.usage.quota.period, kind_s
-                        );
-                        if events.get(key.as_str()).map_err(unavailable)?.is_none() {
-                            let event = QuotaEvent {
-                                event_id: crate::ids::event_id(),
-                                site_id: req.site_id.clone(),
-                                token_id: req.token_id.clone(),
-                                plan: req.plan_name.clone(),
-                                kind: *kind,
-                                used: eval.usage.quota.used,
-                                quota: req.limits.monthly_quota,
-                                period: eval.usage.quota.period,
-                                created_at: req.now_ms / 1000,
-                                status: "pending".into(),
-                            };
-                            events
-                                .insert(key.as_str(), encode(&event).as_slice())
-                                .map_err(unavailable)?;
-                        }
-                    }
-                }
-            } else {
-                audit.decision = DecisionKind::Deny;
-                audit.reason = Some(match eval.verdict {
-                    Verdict::SiteRateLimited => Reason::SiteRateLimited,
-                    Verdict::QuotaExceeded => Reason::QuotaExceeded,
-                    _ => Reason::RateLimited,
-                });
-            }
-            put_audit(txn, &audit)?;
-            Ok(Counted::Evaluated(eval))
+    async fn count_request(&self, req: CountRequest) -> Result<Counting> {
+        // The decision is sent as soon as the job has run in the writer's serial
+        // order; its commit is awaited separately (see `Counting`).
+        let (decided_tx, decided_rx) = oneshot::channel();
+        let committed = self
+            .submit(move |txn| {
+                let counted = count_in(txn, req)?;
+                let _ = decided_tx.send(counted);
+                Ok(())
+            })
+            .await?;
+        let counted = decided_rx
+            .await
+            .map_err(|_| unavailable("store writer failed"))?;
+        Ok(Counting {
+            counted,
+            durable: Box::pin(async move {
+                committed
+                    .await
+                    .map_err(|_| unavailable("store writer stopped"))?
+            }),
         })
-        .await
     }
 
     async fn record_failed_attempt(

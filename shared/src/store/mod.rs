@@ -39,6 +39,23 @@ pub struct CountRequest {
     pub audit: AuditRecord,
 }
 
+/// Resolves once a decision is durable.
+pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// A durable-now [`Durable`].
+pub fn already_durable() -> Durable {
+    Box::pin(std::future::ready(Ok(())))
+}
+
+/// The outcome of [`UsageStore::count_request`]: the decision as soon as it is
+/// applied in the store's serialised order, and a future that resolves when it is
+/// durable. Nobody may be told of the decision (no response sent) before `durable`
+/// resolves; work that only depends on it (opening the origin request) may start.
+pub struct Counting {
+    pub counted: Counted,
+    pub durable: Durable,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Counted {
     /// The token is revoked (or gone): nothing was counted.
@@ -86,8 +103,8 @@ pub trait KeyStore: Send + Sync {
 pub trait UsageStore: Send + Sync {
     /// Atomically: check the token is not revoked, evaluate site rate, quota and
     /// token rate, count the request if allowed, record crossed quota events once,
-    /// and write the audit record. Durable when it returns.
-    async fn count_request(&self, req: CountRequest) -> Result<Counted>;
+    /// and write the audit record.
+    async fn count_request(&self, req: CountRequest) -> Result<Counting>;
     /// A request whose token did not resolve: count a failed attempt for the client
     /// (if known) and write the audit record. Returns the client's failed attempts
     /// in the last minute, this one included (0 when the client is unknown).
