@@ -19,7 +19,9 @@ use payfence_core::domain::{now_ms, Plan, Site, Token};
 use payfence_core::http::request_context;
 use payfence_core::seal::SealingKey;
 use payfence_core::state::load_or_create_key;
+use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
+use payfence_core::store::Store;
 use payfence_core::{ids, AppState};
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use rsa::traits::PublicKeyParts;
@@ -126,23 +128,51 @@ pub struct Local {
 }
 
 impl Local {
-    /// Open (creating if needed) the data directory: store, sealing key, JWT key.
+    /// Open (creating if needed) the data directory: embedded store, sealing key,
+    /// JWT key.
     pub fn open(data_dir: &Path, config: Config) -> anyhow_like::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
-        let key: [u8; 32] = load_or_create_key(&data_dir.join("sealing.key"), 32)
-            .map_err(|e| format!("sealing key: {e}"))?
-            .try_into()
-            .map_err(|_| "sealing key has the wrong length")?;
         let store = EmbeddedStore::open(&data_dir.join("payfence.redb")).map_err(|e| {
             format!(
                 "{}: {e} (is another payfence-local using this --data-dir?)",
                 data_dir.display()
             )
         })?;
+        Self::open_with_store(data_dir, config, Arc::new(store))
+    }
+
+    /// The DynamoDB table `table` (created with the documented schema if missing)
+    /// instead of the embedded store; the keys still live in the data directory.
+    pub async fn open_dynamodb(
+        data_dir: &Path,
+        config: Config,
+        table: &str,
+        endpoint: Option<&str>,
+    ) -> anyhow_like::Result<Self> {
+        let store = DynamoStore::connect(table, endpoint).await;
+        store
+            .ensure_table()
+            .await
+            .map_err(|e| format!("PAYFENCE_TABLE {table}: {e}"))?;
+        Self::open_with_store(data_dir, config, Arc::new(store))
+    }
+
+    /// Keys from the data directory, state over `store`.
+    pub fn open_with_store(
+        data_dir: &Path,
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> anyhow_like::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+        let key: [u8; 32] = load_or_create_key(&data_dir.join("sealing.key"), 32)
+            .map_err(|e| format!("sealing key: {e}"))?
+            .try_into()
+            .map_err(|_| "sealing key has the wrong length")?;
         let issuer = Arc::new(Issuer::load_or_create(data_dir)?);
         let state = AppState::new(
-            Arc::new(store),
+            store,
             SealingKey::from_bytes(&key),
             config,
             Some(issuer.verifier()),

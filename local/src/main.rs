@@ -95,7 +95,10 @@ async fn run(cli: Cli) -> payfence_local::anyhow_like::Result<()> {
     payfence_core::telemetry::init_with_writer(writer);
     let mut config = Config::from_env()?;
     config.allow_http_origins |= cli.allow_http_origins || cli.demo;
-    let local = Local::open(&cli.data_dir, config)?;
+    let local = match payfence_core::config::env_var("PAYFENCE_TABLE") {
+        Some(table) => Local::open_dynamodb(&cli.data_dir, config, &table, None).await?,
+        None => Local::open(&cli.data_dir, config)?,
+    };
     local.spawn_retention();
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await

@@ -11,6 +11,7 @@ use crate::config::{env_var, Config, ConfigError};
 use crate::gateway::Gateway;
 use crate::http::KeyedLimiter;
 use crate::seal::SealingKey;
+use crate::store::dynamo::DynamoStore;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
 
@@ -43,17 +44,12 @@ impl AppState {
     }
 
     /// State for a Lambda function, from the environment:
-    /// `PAYFENCE_SEALING_KEY` (base64 of 32 bytes), `PAYFENCE_DATA_DIR` (embedded
-    /// store), and for the dashboard `PAYFENCE_JWT_ISSUER`, `PAYFENCE_JWT_AUDIENCE`,
-    /// `PAYFENCE_JWKS_URL`.
-    pub fn from_env(with_jwt: bool) -> Result<Self, ConfigError> {
+    /// `PAYFENCE_SEALING_KEY` (base64 of 32 bytes); `PAYFENCE_TABLE` (DynamoDB, with
+    /// the SDK's standard region/credentials/endpoint variables; the table must
+    /// exist) or else `PAYFENCE_DATA_DIR` (embedded store); and for the dashboard
+    /// `PAYFENCE_JWT_ISSUER`, `PAYFENCE_JWT_AUDIENCE`, `PAYFENCE_JWKS_URL`.
+    pub async fn from_env(with_jwt: bool) -> Result<Self, ConfigError> {
         let config = Config::from_env()?;
-        if env_var("PAYFENCE_TABLE").is_some() {
-            return Err(ConfigError::Invalid {
-                var: "PAYFENCE_TABLE",
-                problem: "the DynamoDB store is not part of this build yet; unset it to use the embedded store in PAYFENCE_DATA_DIR".into(),
-            });
-        }
         let key_b64 = env_var("PAYFENCE_SEALING_KEY").ok_or(ConfigError::Invalid {
             var: "PAYFENCE_SEALING_KEY",
             problem: "required: base64 of 32 random bytes".into(),
@@ -66,17 +62,24 @@ impl AppState {
                 var: "PAYFENCE_SEALING_KEY",
                 problem: "must be base64 of exactly 32 bytes".into(),
             })?;
-        let dir = env_var("PAYFENCE_DATA_DIR").unwrap_or_else(|| "/tmp/payfence".into());
-        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Invalid {
-            var: "PAYFENCE_DATA_DIR",
-            problem: e.to_string(),
-        })?;
-        let store = EmbeddedStore::open(&Path::new(&dir).join("payfence.redb")).map_err(|e| {
-            ConfigError::Invalid {
-                var: "PAYFENCE_DATA_DIR",
-                problem: e.to_string(),
+        let store: Arc<dyn Store> = match env_var("PAYFENCE_TABLE") {
+            Some(table) => Arc::new(DynamoStore::from_env(&table).await),
+            None => {
+                let dir = env_var("PAYFENCE_DATA_DIR").unwrap_or_else(|| "/tmp/payfence".into());
+                std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Invalid {
+                    var: "PAYFENCE_DATA_DIR",
+                    problem: e.to_string(),
+                })?;
+                Arc::new(
+                    EmbeddedStore::open(&Path::new(&dir).join("payfence.redb")).map_err(|e| {
+                        ConfigError::Invalid {
+                            var: "PAYFENCE_DATA_DIR",
+                            problem: e.to_string(),
+                        }
+                    })?,
+                )
             }
-        })?;
+        };
         let jwt = if with_jwt {
             let need = |var| {
                 env_var(var).ok_or(ConfigError::Invalid {
@@ -95,12 +98,7 @@ impl AppState {
         } else {
             None
         };
-        Ok(Self::new(
-            Arc::new(store),
-            SealingKey::from_bytes(&key),
-            config,
-            jwt,
-        ))
+        Ok(Self::new(store, SealingKey::from_bytes(&key), config, jwt))
     }
 }
 

@@ -3,6 +3,6 @@
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     payfence_core::telemetry::init();
-    let state = payfence_core::AppState::from_env(false)?;
+    let state = payfence_core::AppState::from_env(false).await?;
     lambda_http::run(payfence_health::router(state)).await
 }

@@ -11,6 +11,7 @@ use crate::domain::{
 };
 use crate::limits::{Evaluation, PlanLimits, TokenUsage};
 
+pub mod dynamo;
 pub mod embedded;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,1255 @@
+//! The DynamoDB store: one table, keys `pk`/`sk`, two GSIs, TTL on `expires_at`.
+//! The access patterns and partition maths are in `docs/dynamodb.md`.
+//!
+//! Hot path: one conditional `UpdateItem` on the token's usage item checks that the
+//! token exists and is not revoked, the monthly quota and the sliding window, and
+//! counts the request; on a failed condition `ReturnValuesOnConditionCheckFailure =
+//! ALL_OLD` says why, without a second read. The site's per-second counter is
+//! updated concurrently; audit records are written off the request path by a
+//! batching writer that retries until they are stored.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, PutRequest, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
+    WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+
+use super::*;
+use crate::domain::{DecisionKind, Reason};
+use crate::limits::{
+    self, period_of, QuotaCounter, QuotaEventKind, SecondWindow, SlidingWindow, Verdict, MINUTE_MS,
+};
+
+type Item = HashMap<String, AttributeValue>;
+
+pub const GSI1: &str = "gsi1";
+pub const GSI2: &str = "gsi2";
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+/// Audit records of one site are spread over this many partitions.
+pub const AUDIT_SHARDS: u32 = 8;
+/// One site-rate counter item takes at most this many writes a second.
+const SITE_RATE_PER_SHARD: u64 = 500;
+const AUDIT_QUEUE: usize = 10_000;
+const AUDIT_BATCH: usize = 25;
+const AUDIT_WRITERS: usize = 4;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn sdk<E, R>(e: SdkError<E, R>) -> StoreError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    StoreError::Unavailable(DisplayErrorContext(e).to_string())
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl std::fmt::Display) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+}
+
+fn get_n(item: &Item, name: &str) -> Option<u64> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|v| v.max(0) as u64)
+}
+
+fn data<T: DeserializeOwned>(item: &Item) -> Result<T> {
+    let d = get_s(item, "d").ok_or_else(|| StoreError::Corrupt("item without d".into()))?;
+    serde_json::from_str(d).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn with_data<T: Serialize>(mut item: Item, v: &T) -> Item {
+    item.insert(
+        "d".into(),
+        s(serde_json::to_string(v).expect("records serialise")),
+    );
+    item
+}
+
+fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
+    HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
+}
+
+fn prev_period(p: u32) -> u32 {
+    if p % 100 == 1 {
+        (p / 100 - 1) * 100 + 12
+    } else {
+        p - 1
+    }
+}
+
+fn audit_pk(site_id: &str, id: &str) -> String {
+    let shard = id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+        % AUDIT_SHARDS;
+    format!("AUDIT#{site_id}#{shard}")
+}
+
+fn audit_sk(r: &AuditRecord) -> String {
+    format!("{:013}#{}", r.ts_ms, r.id)
+}
+
+fn audit_item(r: &AuditRecord) -> Item {
+    let mut item = key(audit_pk(&r.site_id, &r.id), audit_sk(r));
+    item.insert(TTL_ATTRIBUTE.into(), n(r.expires_at));
+    with_data(item, r)
+}
+
+/// Audit records waiting for the background writer, so a process can read its
+/// own writes.
+#[derive(Default)]
+struct Pending {
+    count: AtomicUsize,
+    drained: Notify,
+}
+
+impl Pending {
+    fn done(&self, k: usize) {
+        if self.count.fetch_sub(k, Ordering::AcqRel) == k {
+            self.drained.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.count.load(Ordering::Acquire) > 0 {
+            let notified = self.drained.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The DynamoDB store. Cheap to clone; build it once per process.
+#[derive(Clone)]
+pub struct DynamoStore {
+    client: Client,
+    table: Arc<str>,
+    /// token id -> (minute, final count of that minute), learned from responses.
+    previous_minute: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    audit: mpsc::Sender<AuditRecord>,
+    pending: Arc<Pending>,
+}
+
+impl DynamoStore {
+    /// A client from the SDK's standard environment (`AWS_REGION`, credentials,
+    /// `AWS_ENDPOINT_URL_DYNAMODB` / `AWS_ENDPOINT_URL`), with bounded retries and
+    /// timeouts, so a failing DynamoDB makes decisions fail closed quickly.
+    pub async fn from_env(table: &str) -> Self {
+        Self::connect(table, None).await
+    }
+
+    /// As [`Self::from_env`], with an explicit endpoint (tests put a counting proxy
+    /// in front of the server).
+    pub async fn connect(table: &str, endpoint: Option<&str>) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(e) = endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let config = loader
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .operation_attempt_timeout(Duration::from_secs(1))
+                    .operation_timeout(Duration::from_secs(3))
+                    .build(),
+            )
+            .load()
+            .await;
+        Self::new(Client::new(&config), table)
+    }
+
+    pub fn new(client: Client, table: &str) -> Self {
+        let pending = Arc::new(Pending::default());
+        let audit = spawn_audit_writer(client.clone(), table.into(), pending.clone());
+        Self {
+            client,
+            table: table.into(),
+            previous_minute: Arc::default(),
+            audit,
+            pending,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Create the table with the documented schema if it does not exist (the local
+    /// server does this; in AWS the SAM template owns the table).
+    pub async fn ensure_table(&self) -> Result<()> {
+        match self
+            .client
+            .describe_table()
+            .table_name(&*self.table)
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) => {}
+            Err(e) => return Err(sdk(e)),
+        }
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(unavailable)
+        };
+        let schema = |hash: &str, range: &str| -> Result<Vec<KeySchemaElement>> {
+            Ok(vec![
+                KeySchemaElement::builder()
+                    .attribute_name(hash)
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .map_err(unavailable)?,
+                KeySchemaElement::builder()
+                    .attribute_name(range)
+                    .key_type(KeyType::Range)
+                    .build()
+                    .map_err(unavailable)?,
+            ])
+        };
+        let gsi = |name: &str, hash: &str, range: &str| -> Result<GlobalSecondaryIndex> {
+            GlobalSecondaryIndex::builder()
+                .index_name(name)
+                .set_key_schema(Some(schema(hash, range)?))
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::All)
+                        .build(),
+                )
+                .build()
+                .map_err(unavailable)
+        };
+        let created = self
+            .client
+            .create_table()
+            .table_name(&*self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .set_attribute_definitions(Some(vec![
+                attr("pk")?,
+                attr("sk")?,
+                attr("gsi1pk")?,
+                attr("gsi1sk")?,
+                attr("gsi2pk")?,
+                attr("gsi2sk")?,
+            ]))
+            .set_key_schema(Some(schema("pk", "sk")?))
+            .global_secondary_indexes(gsi(GSI1, "gsi1pk", "gsi1sk")?)
+            .global_secondary_indexes(gsi(GSI2, "gsi2pk", "gsi2sk")?)
+            .send()
+            .await;
+        if let Err(e) = created {
+            // Another process may have created it meanwhile.
+            if !e
+                .as_service_error()
+                .is_some_and(|e| e.is_resource_in_use_exception())
+            {
+                return Err(sdk(e));
+            }
+        }
+        for _ in 0..120 {
+            let t = self
+                .client
+                .describe_table()
+                .table_name(&*self.table)
+                .send()
+                .await
+                .map_err(sdk)?;
+            if t.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.client
+            .update_time_to_live()
+            .table_name(&*self.table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name(TTL_ATTRIBUTE)
+                    .build()
+                    .map_err(unavailable)?,
+            )
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(())
+    }
+
+    async fn get_item(&self, key: Item, consistent: bool) -> Result<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key))
+            .consistent_read(consistent)
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(out.item)
+    }
+
+    async fn put_item(&self, item: Item) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&*self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(())
+    }
+
+    /// Put only if no item has this key; `Conflict` otherwise.
+    async fn put_new(&self, item: Item, what: &str) -> Result<()> {
+        match self
+            .client
+            .put_item()
+            .table_name(&*self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Conflict(what.into()))
+            }
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    /// Every item of a query (all pages).
+    async fn query_all(
+        &self,
+        index: Option<&str>,
+        pk_name: &str,
+        pk: &str,
+        sk_prefix: Option<(&str, &str)>,
+    ) -> Result<Vec<Item>> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .set_index_name(index.map(Into::into))
+                .expression_attribute_names("#pk", pk_name)
+                .expression_attribute_values(":pk", s(pk))
+                .set_exclusive_start_key(start.take());
+            q = match sk_prefix {
+                Some((sk_name, prefix)) => q
+                    .key_condition_expression("#pk = :pk AND begins_with(#sk, :p)")
+                    .expression_attribute_names("#sk", sk_name)
+                    .expression_attribute_values(":p", s(prefix)),
+                None => q.key_condition_expression("#pk = :pk"),
+            };
+            let page = q.send().await.map_err(sdk)?;
+            out.extend(page.items.unwrap_or_default());
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Rewrite the `d` of an existing item by read-modify-write.
+    async fn update_data<T: Serialize + DeserializeOwned>(
+        &self,
+        key_item: Item,
+        change: impl FnOnce(&mut T),
+    ) -> Result<Option<(Item, T)>> {
+        let Some(item) = self.get_item(key_item, true).await? else {
+            return Ok(None);
+        };
+        let mut v: T = data(&item)?;
+        change(&mut v);
+        let item = with_data(item, &v);
+        self.put_item(item.clone()).await?;
+        Ok(Some((item, v)))
+    }
+
+    fn cached_previous(&self, token_id: &str, minute: u64) -> Option<u64> {
+        self.previous_minute
+            .lock()
+            .unwrap()
+            .get(token_id)
+            .filter(|(m, _)| *m == minute)
+            .map(|(_, c)| *c)
+    }
+
+    fn learn_previous(&self, token_id: &str, minute: u64, count: u64) {
+        let mut cache = self.previous_minute.lock().unwrap();
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(token_id.to_owned(), (minute, count));
+    }
+
+    /// The single conditional UpdateItem of the hot path (retried only when this
+    /// process's guess of the previous minute's final count was wrong).
+    async fn count_token(&self, req: &CountRequest) -> Result<Counted> {
+        let now = req.now_ms;
+        let minute = now / MINUTE_MS;
+        let period = period_of(now);
+        let (m_cur, m_prev) = (format!("m_{minute}"), format!("m_{}", minute - 1));
+        let q_cur = format!("q_{period}");
+        let usage_key = key(format!("TOKEN#{}", req.token_id), "USAGE");
+        for _ in 0..3 {
+            let guess = self.cached_previous(&req.token_id, minute - 1).unwrap_or(0);
+            let elapsed = now % MINUTE_MS;
+            let weighted = guess * (MINUTE_MS - elapsed) / MINUTE_MS;
+            let threshold = req.limits.requests_per_minute.saturating_sub(weighted);
+            let rate_cond = if threshold == 0 {
+                "attribute_not_exists(pk)" // cannot hold: the window is full
+            } else {
+                "(attribute_not_exists(#mc) OR #mc < :thr)"
+            };
+            let prev_cond = if guess == 0 {
+                "(attribute_not_exists(#mp) OR #mp = :zero)"
+            } else {
+                "#mp = :pg"
+            };
+            let condition = format!(
+                "attribute_exists(pk) AND attribute_not_exists(revoked_at) AND (attribute_not_exists(#q) OR #q < :quota) AND {rate_cond} AND {prev_cond}"
+            );
+            let mut update = self
+                .client
+                .update_item()
+                .table_name(&*self.table)
+                .set_key(Some(usage_key.clone()))
+                .update_expression("ADD #mc :one, #q :one REMOVE #m2, #m3, #q1")
+                .condition_expression(condition)
+                .expression_attribute_names("#mc", &m_cur)
+                .expression_attribute_names("#mp", &m_prev)
+                .expression_attribute_names("#m2", format!("m_{}", minute - 2))
+                .expression_attribute_names("#m3", format!("m_{}", minute - 3))
+                .expression_attribute_names("#q", &q_cur)
+                .expression_attribute_names("#q1", format!("q_{}", prev_period(period)))
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":quota", n(req.limits.monthly_quota))
+                .return_values(ReturnValue::AllNew)
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                );
+            if threshold > 0 {
+                update = update.expression_attribute_values(":thr", n(threshold));
+            }
+            update = if guess == 0 {
+                update.expression_attribute_values(":zero", n(0))
+            } else {
+                update.expression_attribute_values(":pg", n(guess))
+            };
+            let state = |item: &Item, less: u64| limits::TokenUsage {
+                window: SlidingWindow {
+                    minute,
+                    current: get_n(item, &m_cur).unwrap_or(0).saturating_sub(less),
+                    previous: get_n(item, &m_prev).unwrap_or(0),
+                },
+                quota: QuotaCounter {
+                    period,
+                    used: get_n(item, &q_cur).unwrap_or(0).saturating_sub(less),
+                },
+            };
+            let evaluate =
+                |usage| limits::evaluate(usage, SecondWindow::default(), req.limits, u64::MAX, now);
+            match update.send().await {
+                Ok(out) => {
+                    let item = out.attributes.unwrap_or_default();
+                    let before = state(&item, 1);
+                    self.learn_previous(&req.token_id, minute - 1, before.window.previous);
+                    let mut eval = evaluate(before);
+                    // Counted by the condition: report it as allowed whatever rounding says.
+                    eval.verdict = Verdict::Allow;
+                    eval.retry_after_secs = None;
+                    return Ok(Counted::Evaluated(eval));
+                }
+                Err(e) => {
+                    let failed = match e {
+                        SdkError::ServiceError(se) => match se.into_err() {
+                            UpdateItemError::ConditionalCheckFailedException(c) => c.item,
+                            other => return Err(unavailable(DisplayErrorContext(other))),
+                        },
+                        other => return Err(sdk(other)),
+                    };
+                    // Emulators may not return ALL_OLD: read it then.
+                    let old = match failed {
+                        Some(item) => Some(item),
+                        None => self.get_item(usage_key.clone(), true).await?,
+                    };
+                    let Some(old) = old else {
+                        return Ok(Counted::Revoked);
+                    };
+                    if old.contains_key("revoked_at") {
+                        return Ok(Counted::Revoked);
+                    }
+                    let before = state(&old, 0);
+                    self.learn_previous(&req.token_id, minute - 1, before.window.previous);
+                    let eval = evaluate(before);
+                    if eval.verdict != Verdict::Allow {
+                        return Ok(Counted::Evaluated(eval));
+                    }
+                    // Our guess of the previous minute was stale: try again with the truth.
+                }
+            }
+        }
+        Err(unavailable("usage update kept conflicting"))
+    }
+
+    /// Count one request against the site's per-second limit (sharded counter);
+    /// whether it was within the limit, and the counter item it was counted on.
+    async fn count_site(&self, site_id: &str, limit: u64, now_ms: u64) -> Result<(bool, Item)> {
+        let shards = limit.div_ceil(SITE_RATE_PER_SHARD).clamp(1, 64);
+        let per_shard = limit.div_ceil(shards);
+        let shard = rand::random::<u64>() % shards;
+        let second = now_ms / 1000;
+        let counter = key(format!("SITE#{site_id}"), format!("RATE#{second}#{shard}"));
+        let res = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(counter.clone()))
+            .update_expression("ADD c :one SET expires_at = :exp")
+            .condition_expression("attribute_not_exists(c) OR c < :lim")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":lim", n(per_shard))
+            .expression_attribute_values(":exp", n(second + 3600))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok((true, counter)),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok((false, counter))
+            }
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    /// Undo one count (a request denied by the other of the two concurrent checks).
+    fn uncount(&self, key_item: Item, names: Vec<String>) {
+        let client = self.client.clone();
+        let table = self.table.clone();
+        tokio::spawn(async move {
+            let expr = names
+                .iter()
+                .enumerate()
+                .map(|(i, _)| format!("#a{i} :minus"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut u = client
+                .update_item()
+                .table_name(&*table)
+                .set_key(Some(key_item))
+                .update_expression(format!("ADD {expr}"))
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_values(":minus", n(-1i64));
+            for (i, name) in names.iter().enumerate() {
+                u = u.expression_attribute_names(format!("#a{i}"), name);
+            }
+            if let Err(e) = u.send().await {
+                tracing::warn!(error = %DisplayErrorContext(e), "could not undo a count");
+            }
+        });
+    }
+
+    async fn record_events(&self, req: &CountRequest, eval: &limits::Evaluation) -> Result<()> {
+        for kind in &eval.events {
+            let kind_s = match kind {
+                QuotaEventKind::Warning => "warning",
+                QuotaEventKind::Exhausted => "exhausted",
+            };
+            let event = QuotaEvent {
+                event_id: crate::ids::event_id(),
+                site_id: req.site_id.clone(),
+                token_id: req.token_id.clone(),
+                plan: req.plan_name.clone(),
+                kind: *kind,
+                used: eval.usage.quota.used,
+                quota: req.limits.monthly_quota,
+                period: eval.usage.quota.period,
+                created_at: req.now_ms / 1000,
+                status: "pending".into(),
+            };
+            let item = with_data(
+                key(
+                    format!("SITE#{}", req.site_id),
+                    format!("EVENT#{}#{}#{kind_s}", req.token_id, event.period),
+                ),
+                &event,
+            );
+            match self.put_new(item, "event").await {
+                Ok(()) | Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn enqueue_audit(&self, record: AuditRecord) -> Result<()> {
+        self.pending.count.fetch_add(1, Ordering::AcqRel);
+        if self.audit.send(record).await.is_err() {
+            self.pending.done(1);
+            return Err(unavailable("audit writer stopped"));
+        }
+        Ok(())
+    }
+}
+
+/// The background audit writer: batches of up to 25 records, up to four batches in
+/// flight, each retried with exponential backoff and jitter until stored. Memory is
+/// bounded by the queue; a full queue makes callers wait.
+fn spawn_audit_writer(
+    client: Client,
+    table: Arc<str>,
+    pending: Arc<Pending>,
+) -> mpsc::Sender<AuditRecord> {
+    let (tx, mut rx) = mpsc::channel::<AuditRecord>(AUDIT_QUEUE);
+    tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(AUDIT_WRITERS));
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < AUDIT_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (client, table, pending) = (client.clone(), table.clone(), pending.clone());
+            tokio::spawn(async move {
+                let k = batch.len();
+                write_audit_batch(&client, &table, batch).await;
+                pending.done(k);
+                drop(slot);
+            });
+        }
+    });
+    tx
+}
+
+async fn write_audit_batch(client: &Client, table: &str, batch: Vec<AuditRecord>) {
+    let mut requests: Vec<WriteRequest> = batch
+        .iter()
+        .filter_map(|r| {
+            let put = PutRequest::builder()
+                .set_item(Some(audit_item(r)))
+                .build()
+                .ok()?;
+            Some(WriteRequest::builder().put_request(put).build())
+        })
+        .collect();
+    let mut backoff = Duration::from_millis(50);
+    while !requests.is_empty() {
+        let res = client
+            .batch_write_item()
+            .request_items(table, requests.clone())
+            .send()
+            .await;
+        match res {
+            Ok(out) => {
+                requests = out
+                    .unprocessed_items
+                    .and_then(|mut m| m.remove(table))
+                    .unwrap_or_default();
+                if requests.is_empty() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %DisplayErrorContext(e), records = requests.len(), "audit write failed; retrying")
+            }
+        }
+        let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[async_trait]
+impl SiteStore for DynamoStore {
+    async fn create_site(&self, site: &Site) -> Result<()> {
+        let mut item = key(format!("SITE#{}", site.site_id), "SITE");
+        item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
+        item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
+        self.put_new(with_data(item, site), &site.site_id).await
+    }
+    async fn update_site(&self, site: &Site) -> Result<()> {
+        let mut item = key(format!("SITE#{}", site.site_id), "SITE");
+        item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
+        item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
+        self.put_item(with_data(item, site)).await
+    }
+    async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
+        self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)
+            .await?
+            .map(|i| data(&i))
+            .transpose()
+    }
+    async fn list_sites(&self, owner: Option<&str>) -> Result<Vec<Site>> {
+        let items = match owner {
+            Some(o) => {
+                self.query_all(
+                    Some(GSI1),
+                    "gsi1pk",
+                    &format!("OWNER#{o}"),
+                    Some(("gsi1sk", "SITE#")),
+                )
+                .await?
+            }
+            None => {
+                // Admin listing: every site record (rare; a scan with a filter).
+                let mut out = Vec::new();
+                let mut start = None;
+                loop {
+                    let page = self
+                        .client
+                        .scan()
+                        .table_name(&*self.table)
+                        .filter_expression("sk = :site")
+                        .expression_attribute_values(":site", s("SITE"))
+                        .set_exclusive_start_key(start.take())
+                        .send()
+                        .await
+                        .map_err(sdk)?;
+                    out.extend(page.items.unwrap_or_default());
+                    match page.last_evaluated_key {
+                        Some(k) if !k.is_empty() => start = Some(k),
+                        _ => break,
+                    }
+                }
+                out
+            }
+        };
+        let mut sites: Vec<Site> = items.iter().map(data).collect::<Result<_>>()?;
+        sites.sort_by(|a, b| a.site_id.cmp(&b.site_id));
+        Ok(sites)
+    }
+}
+
+#[async_trait]
+impl PlanStore for DynamoStore {
+    async fn put_plan(&self, plan: &Plan) -> Result<()> {
+        self.put_item(with_data(
+            key(
+                format!("SITE#{}", plan.site_id),
+                format!("PLAN#{}", plan.plan_id),
+            ),
+            plan,
+        ))
+        .await
+    }
+    async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
+        self.get_item(
+            key(format!("SITE#{site_id}"), format!("PLAN#{plan_id}")),
+            true,
+        )
+        .await?
+        .map(|i| data(&i))
+        .transpose()
+    }
+    async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>> {
+        self.query_all(
+            None,
+            "pk",
+            &format!("SITE#{site_id}"),
+            Some(("sk", "PLAN#")),
+        )
+        .await?
+        .iter()
+        .map(data)
+        .collect()
+    }
+}
+
+fn token_item(t: &Token) -> Item {
+    let mut item = key(format!("TOKEN#{}", t.token_id), "TOKEN");
+    item.insert("gsi1pk".into(), s(format!("SITE#{}#TOKENS", t.site_id)));
+    item.insert("gsi1sk".into(), s(format!("TOKEN#{}", t.token_id)));
+    if let Some(c) = &t.consumer {
+        item.insert("gsi2pk".into(), s(format!("CONSUMER#{c}")));
+        item.insert("gsi2sk".into(), s(format!("TOKEN#{}", t.token_id)));
+    }
+    with_data(item, t)
+}
+
+#[async_trait]
+impl TokenStore for DynamoStore {
+    async fn create_token(&self, token: &Token) -> Result<()> {
+        use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
+        let mut hash = key(format!("TOKENHASH#{}", token.token_hash), "TOKENHASH");
+        hash.insert("token_id".into(), s(&token.token_id));
+        hash.insert("site_id".into(), s(&token.site_id));
+        let mut usage = key(format!("TOKEN#{}", token.token_id), "USAGE");
+        usage.insert("site_id".into(), s(&token.site_id));
+        let put = |item: Item, guard: bool| -> Result<TransactWriteItem> {
+            let mut p = Put::builder().table_name(&*self.table).set_item(Some(item));
+            if guard {
+                p = p.condition_expression("attribute_not_exists(pk)");
+            }
+            Ok(TransactWriteItem::builder()
+                .put(p.build().map_err(unavailable)?)
+                .build())
+        };
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(put(hash, true)?)
+            .transact_items(put(token_item(token), true)?)
+            .transact_items(put(usage, true)?)
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_transaction_canceled_exception()) =>
+            {
+                Err(StoreError::Conflict("token".into()))
+            }
+            Err(e) => Err(sdk(e)),
+        }
+    }
+    async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>> {
+        let t: Option<Token> = self
+            .get_item(key(format!("TOKEN#{token_id}"), "TOKEN"), true)
+            .await?
+            .map(|i| data(&i))
+            .transpose()?;
+        Ok(t.filter(|t| t.site_id == site_id))
+    }
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<Token>> {
+        let Some(h) = self
+            .get_item(key(format!("TOKENHASH#{token_hash}"), "TOKENHASH"), false)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (Some(token_id), Some(site_id)) = (get_s(&h, "token_id"), get_s(&h, "site_id")) else {
+            return Err(StoreError::Corrupt("token hash item".into()));
+        };
+        self.get_token(site_id, token_id).await
+    }
+    async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>> {
+        self.query_all(
+            Some(GSI1),
+            "gsi1pk",
+            &format!("SITE#{site_id}#TOKENS"),
+            None,
+        )
+        .await?
+        .iter()
+        .map(data)
+        .collect()
+    }
+    async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
+        self.query_all(Some(GSI2), "gsi2pk", &format!("CONSUMER#{consumer}"), None)
+            .await?
+            .iter()
+            .map(data)
+            .collect()
+    }
+    async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
+        let Some(token) = self.get_token(site_id, token_id).await? else {
+            return Ok(None);
+        };
+        // The usage item carries the flag the hot path's condition checks.
+        self.client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("TOKEN#{token_id}"), "USAGE")))
+            .update_expression("SET revoked_at = if_not_exists(revoked_at, :now)")
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await
+            .map_err(sdk)?;
+        let updated = self
+            .update_data::<Token>(key(format!("TOKEN#{token_id}"), "TOKEN"), |t| {
+                t.revoked_at.get_or_insert(now);
+            })
+            .await?;
+        Ok(updated.map(|(_, t)| t).or(Some(token)))
+    }
+}
+
+#[async_trait]
+impl KeyStore for DynamoStore {
+    async fn create_key(&self, k: &ApiKey) -> Result<()> {
+        let mut item = key(format!("KEYHASH#{}", k.key_hash), "KEY");
+        item.insert("gsi1pk".into(), s(format!("SITE#{}#KEYS", k.site_id)));
+        item.insert("gsi1sk".into(), s(format!("KEY#{}", k.key_id)));
+        self.put_new(with_data(item, k), "API key").await
+    }
+    async fn key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>> {
+        self.get_item(key(format!("KEYHASH#{key_hash}"), "KEY"), true)
+            .await?
+            .map(|i| data(&i))
+            .transpose()
+    }
+    async fn list_keys(&self, site_id: &str) -> Result<Vec<ApiKey>> {
+        self.query_all(Some(GSI1), "gsi1pk", &format!("SITE#{site_id}#KEYS"), None)
+            .await?
+            .iter()
+            .map(data)
+            .collect()
+    }
+    async fn revoke_key(&self, site_id: &str, key_id: &str, now: u64) -> Result<Option<ApiKey>> {
+        let found = self
+            .query_all(
+                Some(GSI1),
+                "gsi1pk",
+                &format!("SITE#{site_id}#KEYS"),
+                Some(("gsi1sk", &format!("KEY#{key_id}"))),
+            )
+            .await?;
+        let Some(item) = found.into_iter().next() else {
+            return Ok(None);
+        };
+        let k: ApiKey = data(&item)?;
+        let updated = self
+            .update_data::<ApiKey>(key(format!("KEYHASH#{}", k.key_hash), "KEY"), |k| {
+                k.revoked_at.get_or_insert(now);
+            })
+            .await?;
+        Ok(updated.map(|(_, k)| k))
+    }
+}
+
+#[async_trait]
+impl UsageStore for DynamoStore {
+    async fn count_request(&self, req: CountRequest) -> Result<Counting> {
+        let (site_ok, token) = tokio::join!(
+            self.count_site(&req.site_id, req.site_requests_per_second, req.now_ms),
+            self.count_token(&req)
+        );
+        let ((site_ok, site_counter), token) = (site_ok?, token?);
+        let minute = req.now_ms / MINUTE_MS;
+        let mut audit = req.audit.clone();
+        let counted = match token {
+            Counted::Evaluated(eval) if eval.verdict == Verdict::Allow && !site_ok => {
+                // The site limit denies: give the token its count back.
+                self.uncount(
+                    key(format!("TOKEN#{}", req.token_id), "USAGE"),
+                    vec![
+                        format!("m_{minute}"),
+                        format!("q_{}", period_of(req.now_ms)),
+                    ],
+                );
+                let mut denied = eval;
+                denied.verdict = Verdict::SiteRateLimited;
+                denied.retry_after_secs = Some(1);
+                denied.events.clear();
+                denied.remaining_quota += 1;
+                denied.remaining_minute += 1;
+                Counted::Evaluated(denied)
+            }
+            other => {
+                let allowed =
+                    matches!(&other, Counted::Evaluated(e) if e.verdict == Verdict::Allow);
+                if site_ok && !allowed {
+                    // A denied request does not use the site's budget.
+                    self.uncount(site_counter, vec!["c".into()]);
+                }
+                other
+            }
+        };
+        match &counted {
+            Counted::Revoked => {
+                audit.decision = DecisionKind::Deny;
+                audit.reason = Some(Reason::TokenRevoked);
+            }
+            Counted::Evaluated(eval) => {
+                audit.remaining = Some(eval.remaining_quota);
+                if eval.verdict == Verdict::Allow {
+                    audit.decision = DecisionKind::Allow;
+                    audit.reason = None;
+                    self.record_events(&req, eval).await?;
+                } else {
+                    audit.decision = DecisionKind::Deny;
+                    audit.reason = Some(match eval.verdict {
+                        Verdict::SiteRateLimited => Reason::SiteRateLimited,
+                        Verdict::QuotaExceeded => Reason::QuotaExceeded,
+                        _ => Reason::RateLimited,
+                    });
+                }
+            }
+        }
+        self.enqueue_audit(audit).await?;
+        Ok(Counting {
+            counted,
+            durable: already_durable(),
+        })
+    }
+
+    async fn record_failed_attempt(
+        &self,
+        site_id: &str,
+        client: Option<&str>,
+        audit: AuditRecord,
+    ) -> Result<u64> {
+        let mut attempts = 0;
+        if let Some(c) = client {
+            let minute = audit.ts_ms / MINUTE_MS;
+            let out = self
+                .client
+                .update_item()
+                .table_name(&*self.table)
+                .set_key(Some(key(format!("SITE#{site_id}"), format!("FAIL#{c}"))))
+                .update_expression("ADD #mc :one SET expires_at = :exp REMOVE #m2")
+                .expression_attribute_names("#mc", format!("m_{minute}"))
+                .expression_attribute_names("#m2", format!("m_{}", minute - 2))
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":exp", n(audit.ts_ms / 1000 + 86_400))
+                .return_values(ReturnValue::AllNew)
+                .send()
+                .await
+                .map_err(sdk)?;
+            let item = out.attributes.unwrap_or_default();
+            let w = SlidingWindow {
+                minute,
+                current: get_n(&item, &format!("m_{minute}")).unwrap_or(0),
+                previous: get_n(&item, &format!("m_{}", minute - 1)).unwrap_or(0),
+            };
+            attempts = w.used(audit.ts_ms);
+        }
+        self.enqueue_audit(audit).await?;
+        Ok(attempts)
+    }
+
+    async fn token_usage(&self, token_id: &str) -> Result<TokenUsage> {
+        let now = crate::domain::now_ms();
+        let minute = now / MINUTE_MS;
+        let period = period_of(now);
+        let item = self
+            .get_item(key(format!("TOKEN#{token_id}"), "USAGE"), true)
+            .await?
+            .unwrap_or_default();
+        Ok(TokenUsage {
+            window: SlidingWindow {
+                minute,
+                current: get_n(&item, &format!("m_{minute}")).unwrap_or(0),
+                previous: get_n(&item, &format!("m_{}", minute - 1)).unwrap_or(0),
+            },
+            quota: QuotaCounter {
+                period,
+                used: get_n(&item, &format!("q_{period}")).unwrap_or(0),
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl AuditStore for DynamoStore {
+    async fn append_audit(&self, record: AuditRecord) -> Result<()> {
+        self.enqueue_audit(record).await
+    }
+
+    async fn query_audit(
+        &self,
+        site_id: &str,
+        filter: &AuditFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<AuditRecord>> {
+        // This process's own records first reach the table.
+        self.pending.wait().await;
+        let before = match cursor {
+            Some(c) => Some(
+                URL_SAFE_NO_PAD
+                    .decode(c)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .filter(|k| {
+                        k.len() > 14
+                            && k.as_bytes()[13] == b'#'
+                            && k[..13].bytes().all(|b| b.is_ascii_digit())
+                    })
+                    .ok_or_else(|| StoreError::Corrupt("invalid cursor".into()))?,
+            ),
+            None => None,
+        };
+        let low = format!("{:013}", filter.from_ms.unwrap_or(0));
+        let high = format!("{:013}$", filter.to_ms.unwrap_or(9_999_999_999_999)); // '$' > '#'
+        let upper = match &before {
+            Some(b) if *b < high => b.clone(),
+            _ => high,
+        };
+        // Newest first from each shard, `limit + 1` matches at most, then merge.
+        let mut all: Vec<(String, AuditRecord)> = Vec::new();
+        for shard in 0..AUDIT_SHARDS {
+            let mut start = None;
+            let mut matched = 0;
+            loop {
+                let page = self
+                    .client
+                    .query()
+                    .table_name(&*self.table)
+                    .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+                    .expression_attribute_values(":pk", s(format!("AUDIT#{site_id}#{shard}")))
+                    .expression_attribute_values(":lo", s(&low))
+                    .expression_attribute_values(":hi", s(&upper))
+                    .scan_index_forward(false)
+                    .limit(((limit + 1) as i32).clamp(1, 1000))
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(sdk)?;
+                for item in page.items.unwrap_or_default() {
+                    let sk = get_s(&item, "sk").unwrap_or_default().to_owned();
+                    if sk >= upper {
+                        continue; // BETWEEN is inclusive; the cursor is exclusive
+                    }
+                    let r: AuditRecord = data(&item)?;
+                    if filter.matches(&r) {
+                        all.push((sk, r));
+                        matched += 1;
+                    }
+                }
+                match page.last_evaluated_key {
+                    Some(k) if !k.is_empty() && matched <= limit => start = Some(k),
+                    _ => break,
+                }
+            }
+        }
+        all.sort_by(|a, b| b.0.cmp(&a.0));
+        let more = all.len() > limit;
+        all.truncate(limit);
+        let next_cursor = if more {
+            all.last().map(|(sk, _)| URL_SAFE_NO_PAD.encode(sk))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: all.into_iter().map(|(_, r)| r).collect(),
+            next_cursor,
+        })
+    }
+
+    async fn purge_expired(&self, _now_s: u64) -> Result<u64> {
+        // DynamoDB's TTL deletes expired records (within about two days of
+        // `expires_at`); queries never show records past their retention anyway.
+        Ok(0)
+    }
+}
+
+#[async_trait]
+impl EventStore for DynamoStore {
+    async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>> {
+        self.query_all(
+            None,
+            "pk",
+            &format!("SITE#{site_id}"),
+            Some(("sk", "EVENT#")),
+        )
+        .await?
+        .iter()
+        .map(data)
+        .collect()
+    }
+}
+
+#[async_trait]
+impl AdminTrail for DynamoStore {
+    async fn record_admin(&self, event: &AdminEvent) -> Result<()> {
+        let mut item = key("ADMIN", format!("{:013}#{}", event.ts_ms, event.id));
+        if let Some(site) = &event.site_id {
+            item.insert("site_id".into(), s(site));
+        }
+        self.put_item(with_data(item, event)).await
+    }
+    async fn list_admin(
+        &self,
+        limit: usize,
+        site_ids: Option<&[String]>,
+    ) -> Result<Vec<AdminEvent>> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s("ADMIN"))
+                .scan_index_forward(false)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(sdk)?;
+            for item in page.items.unwrap_or_default() {
+                let e: AdminEvent = data(&item)?;
+                let visible =
+                    site_ids.is_none_or(|ids| e.site_id.as_ref().is_some_and(|s| ids.contains(s)));
+                if visible {
+                    out.push(e);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn ping(&self) -> Result<()> {
+        self.client
+            .describe_table()
+            .table_name(&*self.table)
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(())
+    }
+}
