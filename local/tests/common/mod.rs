@@ -35,9 +35,46 @@ pub async fn spawn_app() -> App {
     spawn_app_with(test_config()).await
 }
 
+/// The DynamoDB endpoint of the test server `scripts/test.sh` started. Without it a
+/// DynamoDB test fails in CI and is skipped (loudly) elsewhere.
+pub fn dynamodb_endpoint() -> Option<String> {
+    match std::env::var("PAYFENCE_TEST_DYNAMODB") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("PAYFENCE_TEST_DYNAMODB is not set: run the tests with scripts/test.sh")
+        }
+        _ => {
+            eprintln!("SKIPPED: no DynamoDB test server (run scripts/test.sh)");
+            None
+        }
+    }
+}
+
+pub fn unique_table(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        hex::encode(payfence_core::ids::random_bytes::<6>())
+    )
+}
+
+/// The app on the store the run asks for: embedded, or with
+/// `PAYFENCE_TEST_STORE=dynamodb` a fresh table on the test DynamoDB server.
 pub async fn spawn_app_with(config: Config) -> App {
     let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(Local::open(dir.path(), config).unwrap());
+    let local = if std::env::var("PAYFENCE_TEST_STORE").as_deref() == Ok("dynamodb") {
+        let endpoint =
+            dynamodb_endpoint().expect("PAYFENCE_TEST_STORE=dynamodb needs PAYFENCE_TEST_DYNAMODB");
+        Local::open_dynamodb(dir.path(), config, &unique_table("app"), Some(&endpoint))
+            .await
+            .unwrap()
+    } else {
+        Local::open(dir.path(), config).unwrap()
+    };
+    spawn_local(local, dir).await
+}
+
+pub async fn spawn_local(local: Local, dir: tempfile::TempDir) -> App {
+    let local = Arc::new(local);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = local.router();

@@ -179,13 +179,17 @@ impl DynamoStore {
         if let Some(e) = endpoint {
             loader = loader.endpoint_url(e);
         }
+        // Bounded retries and time: beyond them a decision fails closed (503).
+        let ms = |var: &'static str, default: u64| {
+            Duration::from_millis(crate::config::env_parse(var, default).unwrap_or(default))
+        };
         let config = loader
             .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3))
             .timeout_config(
                 aws_config::timeout::TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(1))
-                    .operation_attempt_timeout(Duration::from_secs(1))
-                    .operation_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(ms("PAYFENCE_DYNAMODB_ATTEMPT_TIMEOUT_MS", 1_000))
+                    .operation_timeout(ms("PAYFENCE_DYNAMODB_TIMEOUT_MS", 3_000))
                     .build(),
             )
             .load()
