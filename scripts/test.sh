@@ -29,4 +29,4 @@ export PAYFENCE_DYNAMODB_ATTEMPT_TIMEOUT_MS=10000 PAYFENCE_DYNAMODB_TIMEOUT_MS=3
 export PAYFENCE_TEST_DYNAMODB="http://127.0.0.1:$PORT"
 
 cargo test --workspace
-PAYFENCE_TEST_STORE=dynamodb cargo test -p payfence-local --test proxy --test authorize --test concurrency
+PAYFENCE_TEST_STORE=dynamodb cargo test -p payfence-local --test proxy --test authorize --test concurrency --test dashboard

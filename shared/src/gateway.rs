@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::domain::{
-    now_ms, rfc3339_ms, AuditRecord, DecisionKind, Mode, Reason, Site, AUDIT_RETENTION_SECS,
+    now_ms, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode, Reason, Site, AUDIT_RETENTION_SECS,
 };
 use crate::ids;
 use crate::limits::{PlanLimits, Verdict};
@@ -150,6 +150,8 @@ pub struct Gateway {
     sealing: SealingKey,
     sites: TtlCache<String, Arc<SiteView>>,
     plans: TtlCache<(String, String), PlanInfo>,
+    /// API key hash -> key (positive answers only).
+    keys: TtlCache<String, ApiKey>,
     tokens: Mutex<HashMap<String, TokenRef>>,
     /// (site, client hash) -> blocked until (unix ms), learned from failed attempts.
     blocked: Mutex<HashMap<(String, String), u64>>,
@@ -162,6 +164,7 @@ impl Gateway {
             sealing,
             sites: TtlCache::new(ttl),
             plans: TtlCache::new(ttl),
+            keys: TtlCache::new(ttl),
             tokens: Mutex::default(),
             blocked: Mutex::default(),
         }
@@ -179,6 +182,27 @@ impl Gateway {
     pub fn invalidate_site(&self, site_id: &str) {
         self.sites.retain(|s| s != site_id);
         self.plans.retain(|(s, _)| s != site_id);
+    }
+
+    /// Forget a cached API key (after revoking it in this process).
+    pub fn invalidate_key(&self, key_hash: &str) {
+        self.keys.retain(|h| h != key_hash);
+    }
+
+    /// The active API key with this secret, from cache (at most `ttl` old) or the store.
+    pub async fn api_key(&self, secret: &str) -> Result<Option<ApiKey>, GatewayError> {
+        let hash = ids::hash_secret(secret);
+        if let Some(k) = self.keys.get(&hash) {
+            return Ok(Some(k));
+        }
+        let Some(k) = self.store.key_by_hash(&hash).await? else {
+            return Ok(None);
+        };
+        if k.revoked_at.is_some() {
+            return Ok(None);
+        }
+        self.keys.put(hash, k.clone());
+        Ok(Some(k))
     }
 
     /// The site, from cache (at most `ttl` old) or the store.

@@ -726,10 +726,12 @@ async fn revoke_key(
     if !ids::is_id(&key_id, "key_") {
         return Err(not_found("API key"));
     }
-    st.store()
+    let key = st
+        .store()
         .revoke_key(&site_id, &key_id, now_ms() / 1000)
         .await?
         .ok_or_else(|| not_found("API key"))?;
+    st.gateway.invalidate_key(&key.key_hash);
     trail(&st, &p, "api_key.revoke", Some(&site_id), Some(&key_id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,0 +1,242 @@
+//! PayFence on DynamoDB (the test server scripts/test.sh starts): requests per
+//! decision, and failing closed while the server is down.
+
+mod common;
+
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::response::IntoResponse;
+use axum::Router;
+use common::*;
+use payfence_local::Local;
+use serde_json::{json, Value};
+
+/// An HTTP forwarder in front of the DynamoDB server that records, per request,
+/// the operation and the kind of item (`UpdateItem TOKEN`, `BatchWriteItem -`, …).
+async fn counting_forwarder(target: String) -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let app = Router::new().fallback(move |req: Request| {
+        let (seen, http, target) = (seen2.clone(), http.clone(), target.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let op = parts
+                .headers
+                .get("x-amz-target")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|t| t.split('.').nth(1))
+                .unwrap_or("-")
+                .to_owned();
+            let json: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let kind = json["Key"]["pk"]["S"]
+                .as_str()
+                .and_then(|pk| pk.split('#').next())
+                .unwrap_or("-")
+                .to_owned();
+            seen.lock().unwrap().push(format!("{op} {kind}"));
+            let mut out = http.request(parts.method, format!("{target}{}", parts.uri.path()));
+            for (k, v) in &parts.headers {
+                if k != "host" && k != "content-length" {
+                    out = out.header(k, v);
+                }
+            }
+            let res = out.body(body).send().await.unwrap();
+            let status = res.status();
+            let ctype = res.headers().get("content-type").cloned();
+            let bytes = res.bytes().await.unwrap();
+            let mut r = (status, bytes).into_response();
+            if let Some(c) = ctype {
+                r.headers_mut().insert("content-type", c);
+            }
+            r
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+fn count(seen: &[String], what: &str) -> usize {
+    seen.iter().filter(|s| s.as_str() == what).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_conditional_update_per_decision_and_no_reads() {
+    let Some(endpoint) = dynamodb_endpoint() else {
+        return;
+    };
+    let (forwarder, seen) = counting_forwarder(endpoint).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::open_dynamodb(
+        dir.path(),
+        test_config(),
+        &unique_table("trips"),
+        Some(&forwarder),
+    )
+    .await
+    .unwrap();
+    let app = spawn_local(local, dir).await;
+    let s = app.setup(10_000, 1_000_000).await;
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let authorize = |token: String| {
+        let (http, url, key) = (app.http.clone(), app.url("/v1/authorize"), key.clone());
+        async move {
+            let res = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"token": token, "method": "GET", "path": "/v1/x"}))
+                .send()
+                .await
+                .unwrap();
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    // Warm: the token, site, plan and key are cached; the previous minute is known.
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/warm", &s.token).await.status(),
+        200
+    );
+    assert_eq!(authorize(s.token.clone()).await["decision"], "allow");
+    app.logs(&s.owner, &s.site_id, "").await; // this process's audit writes have landed
+    seen.lock().unwrap().clear();
+
+    const N: usize = 20;
+    for i in 0..N {
+        assert_eq!(
+            app.proxy_get(&s.site_id, &format!("/r/{i}"), &s.token)
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(authorize(s.token.clone()).await["decision"], "allow");
+    }
+    let hot: Vec<String> = seen.lock().unwrap().clone();
+    let decisions = 2 * N;
+    // The one sequential round trip: one conditional UpdateItem on the token's usage
+    // item per decision. Beside it, concurrently, the site's per-second counter.
+    assert_eq!(count(&hot, "UpdateItem TOKEN"), decisions, "{hot:?}");
+    assert_eq!(count(&hot, "UpdateItem SITE"), decisions, "{hot:?}");
+    // No reads on the warm path; audit records go in batches, off the request path.
+    for read in ["GetItem", "Query", "Scan", "DescribeTable"] {
+        assert!(
+            !hot.iter().any(|s| s.starts_with(read)),
+            "{read} on the hot path: {hot:?}"
+        );
+    }
+    let other = hot
+        .iter()
+        .filter(|s| !s.starts_with("UpdateItem") && !s.starts_with("BatchWriteItem"))
+        .count();
+    assert_eq!(other, 0, "{hot:?}");
+    let logs = app.logs(&s.owner, &s.site_id, "limit=1000").await;
+    assert_eq!(
+        logs["items"].as_array().unwrap().len(),
+        2 + decisions,
+        "every decision audited"
+    );
+}
+
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_moto(port: u16) -> Moto {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/moto_server.py");
+    let moto = Moto(
+        Command::new("python3")
+            .args([script, "127.0.0.1", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 with moto (scripts/test.sh installs it)"),
+    );
+    for _ in 0..150 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return moto;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("moto did not start on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fails_closed_while_dynamodb_is_down_and_recovers_without_restart() {
+    if dynamodb_endpoint().is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let moto = start_moto(port);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let table = unique_table("faults");
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::open_dynamodb(dir.path(), test_config(), &table, Some(&endpoint))
+        .await
+        .unwrap();
+    let app = spawn_local(local, dir).await;
+    let s = app.setup(600, 1000).await;
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let authorize = |key: &str, token: &str| {
+        app.http
+            .post(app.url("/v1/authorize"))
+            .bearer_auth(key)
+            .json(&json!({"token": token, "method": "GET", "path": "/"}))
+            .send()
+    };
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    assert_eq!(authorize(&key, &s.token).await.unwrap().status(), 200);
+    let seen_before = s.origin.count();
+
+    drop(moto); // the server stops
+    let res = app.proxy_get(&s.site_id, "/", &s.token).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        s.origin.count(),
+        seen_before,
+        "nothing is forwarded without a decision"
+    );
+    let res = authorize(&key, &s.token).await.unwrap();
+    assert_eq!(res.status(), 503, "authorize fails closed");
+    let res = app.http.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    let h: Value = res.json().await.unwrap();
+    assert_eq!(h["status"], "degraded");
+    assert_eq!(h["checks"]["store"]["status"], "error");
+
+    // The server comes back (empty: moto keeps its data in memory). The same
+    // PayFence process, not restarted, serves again once the table exists.
+    let _moto = start_moto(port);
+    payfence_core::store::dynamo::DynamoStore::connect(&table, Some(&endpoint))
+        .await
+        .ensure_table()
+        .await
+        .unwrap();
+    let res = app.http.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let again = app.setup(600, 1000).await;
+    assert_eq!(
+        app.proxy_get(&again.site_id, "/", &again.token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(again.origin.count(), 1);
+}
