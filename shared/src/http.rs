@@ -210,7 +210,14 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
-    let mut res = if header_bytes > MAX_HEADER_BYTES {
+    let mut res = if !from_edge(req.headers()) {
+        problem(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "requests must come through the gateway's public address",
+            None,
+        )
+    } else if header_bytes > MAX_HEADER_BYTES {
         problem(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers-too-large",
@@ -265,6 +272,30 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     );
     res
 }
+
+/// The value CloudFront adds to every request it sends to the functions
+/// (`PAYFENCE_EDGE_SECRET`); unset when not behind CloudFront (local runs).
+fn edge_secret() -> Option<&'static str> {
+    static EDGE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    EDGE.get_or_init(|| crate::config::env_var("PAYFENCE_EDGE_SECRET"))
+        .as_deref()
+}
+
+/// Did this request come through CloudFront (or is no edge configured)?
+fn from_edge(h: &HeaderMap) -> bool {
+    match edge_secret() {
+        None => true,
+        Some(secret) => h
+            .get(EDGE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| crate::ids::ct_eq(v, secret)),
+    }
+}
+
+/// Header CloudFront sets with its shared secret.
+pub const EDGE_HEADER: &str = "x-payfence-edge";
+/// Header CloudFront's viewer-request function sets with the viewer's address.
+pub const CLIENT_IP_HEADER: &str = "x-payfence-client-ip";
 
 fn put(h: &mut HeaderMap, name: &'static str, value: String) {
     if let Ok(v) = HeaderValue::from_str(&value) {
@@ -358,9 +389,20 @@ impl KeyedLimiter {
     }
 }
 
-/// The caller's address: the Lambda request context when running in Lambda, else
-/// the TCP peer.
+/// The caller's address: behind CloudFront the viewer address it passes (trusted
+/// because the request carried the edge secret); else the Lambda request context;
+/// else the TCP peer.
 pub fn client_ip(req: &Request) -> Option<IpAddr> {
+    if edge_secret().is_some() {
+        if let Some(ip) = req
+            .headers()
+            .get(CLIENT_IP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            return Some(ip);
+        }
+    }
     if let Some(lambda_http::request::RequestContext::ApiGatewayV2(ctx)) =
         req.extensions()
             .get::<lambda_http::request::RequestContext>()

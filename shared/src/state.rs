@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use sha2::Digest;
 
 use crate::auth::JwtVerifier;
 use crate::config::{env_var, Config, ConfigError};
@@ -50,18 +51,7 @@ impl AppState {
     /// `PAYFENCE_JWT_ISSUER`, `PAYFENCE_JWT_AUDIENCE`, `PAYFENCE_JWKS_URL`.
     pub async fn from_env(with_jwt: bool) -> Result<Self, ConfigError> {
         let config = Config::from_env()?;
-        let key_b64 = env_var("PAYFENCE_SEALING_KEY").ok_or(ConfigError::Invalid {
-            var: "PAYFENCE_SEALING_KEY",
-            problem: "required: base64 of 32 random bytes".into(),
-        })?;
-        let key: [u8; 32] = STANDARD
-            .decode(key_b64.trim())
-            .ok()
-            .and_then(|k| k.try_into().ok())
-            .ok_or(ConfigError::Invalid {
-                var: "PAYFENCE_SEALING_KEY",
-                problem: "must be base64 of exactly 32 bytes".into(),
-            })?;
+        let key = sealing_key_from_env().await?;
         let store: Arc<dyn Store> = match env_var("PAYFENCE_TABLE") {
             Some(table) => Arc::new(DynamoStore::from_env(&table).await),
             None => {
@@ -100,6 +90,49 @@ impl AppState {
         };
         Ok(Self::new(store, SealingKey::from_bytes(&key), config, jwt))
     }
+}
+
+/// The key for secrets at rest: from Secrets Manager (`PAYFENCE_SEALING_KEY_SECRET_ARN`;
+/// the key is SHA-256 of the secret's value, so any generated string of enough
+/// entropy works), or `PAYFENCE_SEALING_KEY` (base64 of exactly 32 bytes).
+async fn sealing_key_from_env() -> Result<[u8; 32], ConfigError> {
+    if let Some(arn) = env_var("PAYFENCE_SEALING_KEY_SECRET_ARN") {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let value = aws_sdk_secretsmanager::Client::new(&config)
+            .get_secret_value()
+            .secret_id(&arn)
+            .send()
+            .await
+            .map_err(|e| ConfigError::Invalid {
+                var: "PAYFENCE_SEALING_KEY_SECRET_ARN",
+                problem: format!(
+                    "cannot read the secret: {}",
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e)
+                ),
+            })?;
+        let secret = value.secret_string().unwrap_or_default();
+        if secret.len() < 32 {
+            return Err(ConfigError::Invalid {
+                var: "PAYFENCE_SEALING_KEY_SECRET_ARN",
+                problem: "the secret must be a string of at least 32 characters".into(),
+            });
+        }
+        return Ok(sha2::Sha256::digest(secret.as_bytes()).into());
+    }
+    let key_b64 = env_var("PAYFENCE_SEALING_KEY").ok_or(ConfigError::Invalid {
+        var: "PAYFENCE_SEALING_KEY",
+        problem: "required (or PAYFENCE_SEALING_KEY_SECRET_ARN): base64 of 32 random bytes".into(),
+    })?;
+    STANDARD
+        .decode(key_b64.trim())
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or(ConfigError::Invalid {
+            var: "PAYFENCE_SEALING_KEY",
+            problem: "must be base64 of exactly 32 bytes".into(),
+        })
 }
 
 /// Read a 0600 key file of `N` random bytes, creating it if missing.
