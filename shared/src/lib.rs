@@ -2,6 +2,7 @@
 //! the authorize use case, secrets, auth, HTTP conventions and the stores.
 
 pub mod auth;
+pub mod aws;
 pub mod config;
 pub mod domain;
 pub mod gateway;

@@ -97,9 +97,7 @@ impl AppState {
 /// entropy works), or `PAYFENCE_SEALING_KEY` (base64 of exactly 32 bytes).
 async fn sealing_key_from_env() -> Result<[u8; 32], ConfigError> {
     if let Some(arn) = env_var("PAYFENCE_SEALING_KEY_SECRET_ARN") {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .load()
-            .await;
+        let config = crate::aws::loader(None).load().await;
         let value = aws_sdk_secretsmanager::Client::new(&config)
             .get_secret_value()
             .secret_id(&arn)

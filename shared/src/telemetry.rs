@@ -1,16 +1,28 @@
 //! Structured JSON logs.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// `RUST_LOG` as `level` or `level,target=level,...` (no regular expressions);
+/// `info` when unset or unreadable.
+fn filter() -> Targets {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| "info".parse().expect("a valid filter"))
+}
 
 /// JSON logs to stdout, level from `RUST_LOG` (default `info`). Call once.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_target(true)
-        .with_env_filter(filter)
+        .with_max_level(tracing::Level::TRACE)
+        .finish()
+        .with(filter())
         .try_init();
 }
 
@@ -19,13 +31,14 @@ pub fn init_with_writer<W>(writer: W)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_target(true)
-        .with_env_filter(filter)
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(writer)
+        .finish()
+        .with(filter())
         .try_init();
 }

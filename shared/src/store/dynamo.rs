@@ -175,10 +175,7 @@ impl DynamoStore {
     /// As [`Self::from_env`], with an explicit endpoint (tests put a counting proxy
     /// in front of the server).
     pub async fn connect(table: &str, endpoint: Option<&str>) -> Self {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(e) = endpoint {
-            loader = loader.endpoint_url(e);
-        }
+        let loader = crate::aws::loader(endpoint);
         // Bounded retries and time: beyond them a decision fails closed (503).
         let ms = |var: &'static str, default: u64| {
             Duration::from_millis(crate::config::env_parse(var, default).unwrap_or(default))
