@@ -1,15 +1,46 @@
 #!/usr/bin/env bash
-# The whole test suite. Starts a local DynamoDB-compatible server (moto, pinned,
-# from PyPI) on a free loopback port, runs every test (the store conformance suite
-# against both stores), then the black-box proxy, authorize and concurrency tests
-# again on DynamoDB. Stops the server on exit.
+# The whole test suite.
+# 1. Deployment gates: cfn-lint and `sam validate --lint` on template.yaml, the
+#    policy check (and its own tests), and `sam build` of every function for arm64
+#    (cargo-lambda + zig), reporting the binary sizes (SKIP_SAM_BUILD=1 skips it).
+# 2. A local DynamoDB-compatible server (moto, pinned, from PyPI) on a free loopback
+#    port; every Rust test (the store conformance suite against both stores, the
+#    Lambda wiring tests), then the black-box HTTP tests again on DynamoDB.
+# Tools come from PyPI at pinned versions; the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
+export SAM_CLI_TELEMETRY=0
 MOTO_VERSION=5.2.1
+SAM_VERSION=1.170.0
+CFN_LINT_VERSION=1.58.0
+CARGO_LAMBDA_VERSION=1.9.2
 
-if ! python3 -c "import sys, moto; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+need() { # module-or-command version pip-spec
+  if ! python3 -m pip show "$1" 2>/dev/null | grep -qx "Version: $2"; then
+    python3 -m pip install --quiet --disable-pip-version-check "$3"
+  fi
+}
+need moto "$MOTO_VERSION" "moto[server]==$MOTO_VERSION"
+need aws-sam-cli "$SAM_VERSION" "aws-sam-cli==$SAM_VERSION"
+need cfn-lint "$CFN_LINT_VERSION" "cfn-lint==$CFN_LINT_VERSION"
+need cargo-lambda "$CARGO_LAMBDA_VERSION" "cargo-lambda==$CARGO_LAMBDA_VERSION"
+
+echo "== deployment gates"
+cfn-lint template.yaml
+sam validate --lint
+python3 scripts/policy_check.py
+python3 -m unittest scripts/test_policy.py
+if [ "${SKIP_SAM_BUILD:-0}" != 1 ]; then
+  rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1 || true
+  # cargo-lambda builds in the clone's own target/ (where SAM picks the binaries up).
+  env -u CARGO_TARGET_DIR sam build --beta-features
+  echo "arm64 Lambda binaries:"
+  for f in .aws-sam/build/*Function/bootstrap; do
+    size=$(stat -c %s "$f")
+    awk -v n="$(basename "$(dirname "$f")")" -v s="$size" 'BEGIN { printf "  %-20s %6.1f MB\n", n, s / 1e6 }'
+    [ "$size" -le 12000000 ] || { echo "  over the 12 MB budget"; exit 1; }
+  done
 fi
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 LOG="${TMPDIR:-/tmp}/payfence-moto-$PORT.log"
