@@ -37,6 +37,19 @@ def statements(policies):
             yield from (st if isinstance(st, list) else [st])
 
 
+def star_on_data(name, stmts):
+    """Violations: statements granting data actions on `Resource: "*"`."""
+    found = []
+    for st in stmts:
+        actions = st.get("Action", [])
+        actions = actions if isinstance(actions, list) else [actions]
+        resources = st.get("Resource", [])
+        resources = resources if isinstance(resources, list) else [resources]
+        if "*" in resources and any(str(a).startswith(DATA_ACTIONS) or a == "*" for a in actions):
+            found.append(f"{name}: IAM Resource \"*\" on data actions {actions}")
+    return found
+
+
 def check(template, runbooks):
     """Return a list of violations (empty when the template complies)."""
     errors = []
@@ -68,22 +81,10 @@ def check(template, runbooks):
         ref = group.get("Ref") if isinstance(group, dict) else None
         if ref not in groups:
             errors.append(f"{name}: function does not log to a log group of this template with retention")
-        for st in statements(p.get("Policies")):
-            actions = st.get("Action", [])
-            actions = actions if isinstance(actions, list) else [actions]
-            resources = st.get("Resource", [])
-            resources = resources if isinstance(resources, list) else [resources]
-            if "*" in resources and any(str(a).startswith(DATA_ACTIONS) or a == "*" for a in actions):
-                errors.append(f"{name}: IAM Resource \"*\" on data actions {actions}")
+        errors += star_on_data(name, statements(p.get("Policies")))
     for name, r in {**by_type("AWS::IAM::Role"), **by_type("AWS::IAM::Policy")}.items():
         p = r.get("Properties", {})
-        for st in list(statements(p.get("Policies"))) + list(statements([p])):
-            actions = st.get("Action", [])
-            actions = actions if isinstance(actions, list) else [actions]
-            resources = st.get("Resource", [])
-            resources = resources if isinstance(resources, list) else [resources]
-            if "*" in resources and any(str(a).startswith(DATA_ACTIONS) or a == "*" for a in actions):
-                errors.append(f"{name}: IAM Resource \"*\" on data actions {actions}")
+        errors += star_on_data(name, list(statements(p.get("Policies"))) + list(statements([p])))
 
     for name, r in by_type("AWS::CloudFront::Distribution").items():
         cfg = r.get("Properties", {}).get("DistributionConfig", {})

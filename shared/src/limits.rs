@@ -183,6 +183,15 @@ pub enum QuotaEventKind {
     Exhausted,
 }
 
+impl QuotaEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaEventKind::Warning => "warning",
+            QuotaEventKind::Exhausted => "exhausted",
+        }
+    }
+}
+
 /// ceil(80 % of quota).
 pub fn warning_threshold(quota: u64) -> u64 {
     (quota * 4).div_ceil(5)

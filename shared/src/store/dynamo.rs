@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, Notify};
 use super::*;
 use crate::domain::{DecisionKind, Reason};
 use crate::limits::{
-    self, period_of, QuotaCounter, QuotaEventKind, SecondWindow, SlidingWindow, Verdict, MINUTE_MS,
+    self, period_of, QuotaCounter, SecondWindow, SlidingWindow, Verdict, MINUTE_MS,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -600,22 +600,8 @@ impl DynamoStore {
 
     async fn record_events(&self, req: &CountRequest, eval: &limits::Evaluation) -> Result<()> {
         for kind in &eval.events {
-            let kind_s = match kind {
-                QuotaEventKind::Warning => "warning",
-                QuotaEventKind::Exhausted => "exhausted",
-            };
-            let event = QuotaEvent {
-                event_id: crate::ids::event_id(),
-                site_id: req.site_id.clone(),
-                token_id: req.token_id.clone(),
-                plan: req.plan_name.clone(),
-                kind: *kind,
-                used: eval.usage.quota.used,
-                quota: req.limits.monthly_quota,
-                period: eval.usage.quota.period,
-                created_at: req.now_ms / 1000,
-                status: "pending".into(),
-            };
+            let kind_s = kind.as_str();
+            let event = req.quota_event(eval, *kind);
             let item = with_data(
                 key(
                     format!("SITE#{}", req.site_id),

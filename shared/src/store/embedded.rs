@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::domain::{DecisionKind, Reason};
-use crate::limits::{self, QuotaEventKind, SecondWindow, SlidingWindow, Verdict};
+use crate::limits::{self, SecondWindow, SlidingWindow, Verdict};
 
 type Def = TableDefinition<'static, &'static str, &'static [u8]>;
 const SITES: Def = TableDefinition::new("sites");
@@ -423,16 +423,15 @@ fn put_audit(txn: &WriteTransaction, record: &AuditRecord) -> Result<()> {
 }
 
 /// The atomic check-and-count, inside the writer's transaction.
-fn count_in(txn: &WriteTransaction, req: CountRequest) -> Result<Counted> {
-    let mut audit = req.audit;
+fn count_in(txn: &WriteTransaction, mut req: CountRequest) -> Result<Counted> {
     let token: Option<Token> = get(
         &txn.open_table(TOKENS).map_err(unavailable)?,
         &format!("{}/{}", req.site_id, req.token_id),
     )?;
     if token.is_none_or(|t| t.revoked_at.is_some()) {
-        audit.decision = DecisionKind::Deny;
-        audit.reason = Some(Reason::TokenRevoked);
-        put_audit(txn, &audit)?;
+        req.audit.decision = DecisionKind::Deny;
+        req.audit.reason = Some(Reason::TokenRevoked);
+        put_audit(txn, &req.audit)?;
         return Ok(Counted::Revoked);
     }
     let mut usage_t = txn.open_table(USAGE).map_err(unavailable)?;
@@ -446,7 +445,7 @@ fn count_in(txn: &WriteTransaction, req: CountRequest) -> Result<Counted> {
         req.site_requests_per_second,
         req.now_ms,
     );
-    audit.remaining = Some(eval.remaining_quota);
+    req.audit.remaining = Some(eval.remaining_quota);
     if eval.verdict == Verdict::Allow {
         usage_t
             .insert(req.token_id.as_str(), encode(&eval.usage).as_slice())
@@ -454,32 +453,20 @@ fn count_in(txn: &WriteTransaction, req: CountRequest) -> Result<Counted> {
         site_t
             .insert(req.site_id.as_str(), encode(&eval.site).as_slice())
             .map_err(unavailable)?;
-        audit.decision = DecisionKind::Allow;
-        audit.reason = None;
+        req.audit.decision = DecisionKind::Allow;
+        req.audit.reason = None;
         if !eval.events.is_empty() {
             let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
             for kind in &eval.events {
-                let kind_s = match kind {
-                    QuotaEventKind::Warning => "warning",
-                    QuotaEventKind::Exhausted => "exhausted",
-                };
                 let key = format!(
                     "{}/{}/{}/{}",
-                    req.site_id, req.token_id, eval.usage.quota.period, kind_s
+                    req.site_id,
+                    req.token_id,
+                    eval.usage.quota.period,
+                    kind.as_str()
                 );
                 if events.get(key.as_str()).map_err(unavailable)?.is_none() {
-                    let event = QuotaEvent {
-                        event_id: crate::ids::event_id(),
-                        site_id: req.site_id.clone(),
-                        token_id: req.token_id.clone(),
-                        plan: req.plan_name.clone(),
-                        kind: *kind,
-                        used: eval.usage.quota.used,
-                        quota: req.limits.monthly_quota,
-                        period: eval.usage.quota.period,
-                        created_at: req.now_ms / 1000,
-                        status: "pending".into(),
-                    };
+                    let event = req.quota_event(&eval, *kind);
                     events
                         .insert(key.as_str(), encode(&event).as_slice())
                         .map_err(unavailable)?;
@@ -487,14 +474,14 @@ fn count_in(txn: &WriteTransaction, req: CountRequest) -> Result<Counted> {
             }
         }
     } else {
-        audit.decision = DecisionKind::Deny;
-        audit.reason = Some(match eval.verdict {
+        req.audit.decision = DecisionKind::Deny;
+        req.audit.reason = Some(match eval.verdict {
             Verdict::SiteRateLimited => Reason::SiteRateLimited,
             Verdict::QuotaExceeded => Reason::QuotaExceeded,
             _ => Reason::RateLimited,
         });
     }
-    put_audit(txn, &audit)?;
+    put_audit(txn, &req.audit)?;
     Ok(Counted::Evaluated(eval))
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::domain::{
     AdminEvent, ApiKey, AuditFilter, AuditRecord, Page, Plan, QuotaEvent, Site, Token,
 };
-use crate::limits::{Evaluation, PlanLimits, TokenUsage};
+use crate::limits::{Evaluation, PlanLimits, QuotaEventKind, TokenUsage};
 
 pub mod dynamo;
 pub mod embedded;
@@ -55,6 +55,24 @@ pub fn already_durable() -> Durable {
 pub struct Counting {
     pub counted: Counted,
     pub durable: Durable,
+}
+
+impl CountRequest {
+    /// The event recorded when this allowed request crossed a quota threshold.
+    pub fn quota_event(&self, eval: &Evaluation, kind: QuotaEventKind) -> QuotaEvent {
+        QuotaEvent {
+            event_id: crate::ids::event_id(),
+            site_id: self.site_id.clone(),
+            token_id: self.token_id.clone(),
+            plan: self.plan_name.clone(),
+            kind,
+            used: eval.usage.quota.used,
+            quota: self.limits.monthly_quota,
+            period: eval.usage.quota.period,
+            created_at: self.now_ms / 1000,
+            status: "pending".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
