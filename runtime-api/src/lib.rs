@@ -173,6 +173,15 @@ impl Emulator {
             .unwrap()
     }
 
+    /// Start `binary`, wait (up to 30 s) for `n` answers, stop it, and return them.
+    pub async fn run(&self, binary: &Path, env: &[(&str, &str)], n: usize) -> Vec<Answer> {
+        let mut child = self.spawn(binary, env);
+        let answers = self.answers(n, Duration::from_secs(30)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        answers
+    }
+
     /// When the function first asked for an event.
     pub fn first_next(&self) -> Option<Instant> {
         self.inner.lock().unwrap().first_next

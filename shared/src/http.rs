@@ -151,6 +151,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
+            StoreError::InvalidCursor => Self::invalid("cursor", "not a cursor from this query"),
             other => Self::Unavailable(other.to_string()),
         }
     }

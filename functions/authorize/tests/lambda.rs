@@ -1,7 +1,6 @@
 //! `main.rs` wiring: the real binary against a Lambda Runtime API.
 
 use std::path::Path;
-use std::time::Duration;
 
 use payfence_runtime_api::{url_event, Emulator};
 
@@ -26,16 +25,16 @@ async fn answers_authorize_events() {
         url_event("r2", "GET", "/v1/authorize", &[], None),
     ])
     .await;
-    let mut child = emulator.spawn(
-        Path::new(env!("CARGO_BIN_EXE_authorize")),
-        &[
-            ("PAYFENCE_SEALING_KEY", KEY),
-            ("PAYFENCE_DATA_DIR", dir.path().to_str().unwrap()),
-        ],
-    );
-    let answers = emulator.answers(2, Duration::from_secs(30)).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    let answers = emulator
+        .run(
+            Path::new(env!("CARGO_BIN_EXE_authorize")),
+            &[
+                ("PAYFENCE_SEALING_KEY", KEY),
+                ("PAYFENCE_DATA_DIR", dir.path().to_str().unwrap()),
+            ],
+            2,
+        )
+        .await;
     assert_eq!(emulator.init_error(), None);
     assert_eq!(answers.len(), 2, "{answers:?}");
     let (status, headers, body) = answers[0].http();

@@ -795,13 +795,7 @@ async fn query_logs(
             limit,
             q.get("cursor").map(|c| c.as_str()),
         )
-        .await
-        .map_err(|e| match e {
-            payfence_core::store::StoreError::Corrupt(m) if m == "invalid cursor" => {
-                ApiError::invalid("cursor", "not a cursor from this query")
-            }
-            other => other.into(),
-        })?;
+        .await?;
     Ok(json(StatusCode::OK, &page))
 }
 

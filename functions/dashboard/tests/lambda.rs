@@ -1,7 +1,6 @@
 //! `main.rs` wiring: the real binary against a Lambda Runtime API.
 
 use std::path::Path;
-use std::time::Duration;
 
 use payfence_runtime_api::{url_event, Emulator};
 
@@ -11,7 +10,8 @@ const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 async fn dashboard_needs_a_jwt() {
     let dir = tempfile::tempdir().unwrap();
     let emulator = Emulator::start(vec![url_event("r1", "GET", "/api/sites", &[], None)]).await;
-    let mut child = emulator.spawn(
+    let answers = emulator
+        .run(
         Path::new(env!("CARGO_BIN_EXE_dashboard")),
         &[
             ("PAYFENCE_SEALING_KEY", KEY),
@@ -26,10 +26,9 @@ async fn dashboard_needs_a_jwt() {
                 "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_test/.well-known/jwks.json",
             ),
         ],
-    );
-    let answers = emulator.answers(1, Duration::from_secs(30)).await;
-    let _ = child.kill();
-    let _ = child.wait();
+        1,
+        )
+        .await;
     assert_eq!(emulator.init_error(), None);
     assert_eq!(answers.len(), 1, "{answers:?}");
     let (status, headers, _) = answers[0].http();

@@ -2,7 +2,6 @@
 //! Function URL events.
 
 use std::path::Path;
-use std::time::Duration;
 
 use payfence_runtime_api::{url_event, Emulator};
 
@@ -22,17 +21,17 @@ async fn answers_health_and_refuses_requests_that_bypass_the_edge() {
         url_event("r2", "GET", "/api/health", &[], None),
     ])
     .await;
-    let mut child = emulator.spawn(
-        Path::new(env!("CARGO_BIN_EXE_health")),
-        &[
-            ("PAYFENCE_SEALING_KEY", KEY),
-            ("PAYFENCE_DATA_DIR", dir.path().to_str().unwrap()),
-            ("PAYFENCE_EDGE_SECRET", "edge-secret"),
-        ],
-    );
-    let answers = emulator.answers(2, Duration::from_secs(30)).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    let answers = emulator
+        .run(
+            Path::new(env!("CARGO_BIN_EXE_health")),
+            &[
+                ("PAYFENCE_SEALING_KEY", KEY),
+                ("PAYFENCE_DATA_DIR", dir.path().to_str().unwrap()),
+                ("PAYFENCE_EDGE_SECRET", "edge-secret"),
+            ],
+            2,
+        )
+        .await;
     assert_eq!(emulator.init_error(), None);
     assert_eq!(answers.len(), 2, "{answers:?}");
     let (status, headers, body) = answers[0].http();

@@ -2,7 +2,6 @@
 //! streaming mode.
 
 use std::path::Path;
-use std::time::Duration;
 
 use payfence_runtime_api::{url_event, Emulator};
 
@@ -19,16 +18,16 @@ async fn proxy_streams_its_answers() {
         None,
     )])
     .await;
-    let mut child = emulator.spawn(
-        Path::new(env!("CARGO_BIN_EXE_proxy")),
-        &[
-            ("PAYFENCE_SEALING_KEY", KEY),
-            ("PAYFENCE_DATA_DIR", dir.path().to_str().unwrap()),
-        ],
-    );
-    let answers = emulator.answers(1, Duration::from_secs(30)).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    let answers = emulator
+        .run(
+            Path::new(env!("CARGO_BIN_EXE_proxy")),
+            &[
+                ("PAYFENCE_SEALING_KEY", KEY),
+                ("PAYFENCE_DATA_DIR", dir.path().to_str().unwrap()),
+            ],
+            1,
+        )
+        .await;
     assert_eq!(emulator.init_error(), None);
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert!(

@@ -98,6 +98,15 @@ fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
     HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
 }
 
+/// The sliding window held in an item's `m_{minute}` counters, at `minute`.
+fn window_from(item: &Item, minute: u64) -> SlidingWindow {
+    SlidingWindow {
+        minute,
+        current: get_n(item, &format!("m_{minute}")).unwrap_or(0),
+        previous: get_n(item, &format!("m_{}", minute - 1)).unwrap_or(0),
+    }
+}
+
 fn prev_period(p: u32) -> u32 {
     if p % 100 == 1 {
         (p / 100 - 1) * 100 + 12
@@ -484,10 +493,12 @@ impl DynamoStore {
                 update.expression_attribute_values(":pg", n(guess))
             };
             let state = |item: &Item, less: u64| limits::TokenUsage {
-                window: SlidingWindow {
-                    minute,
-                    current: get_n(item, &m_cur).unwrap_or(0).saturating_sub(less),
-                    previous: get_n(item, &m_prev).unwrap_or(0),
+                window: {
+                    let w = window_from(item, minute);
+                    SlidingWindow {
+                        current: w.current.saturating_sub(less),
+                        ..w
+                    }
                 },
                 quota: QuotaCounter {
                     period,
@@ -702,16 +713,10 @@ async fn write_audit_batch(client: &Client, table: &str, batch: Vec<AuditRecord>
 #[async_trait]
 impl SiteStore for DynamoStore {
     async fn create_site(&self, site: &Site) -> Result<()> {
-        let mut item = key(format!("SITE#{}", site.site_id), "SITE");
-        item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
-        item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
-        self.put_new(with_data(item, site), &site.site_id).await
+        self.put_new(site_item(site), &site.site_id).await
     }
     async fn update_site(&self, site: &Site) -> Result<()> {
-        let mut item = key(format!("SITE#{}", site.site_id), "SITE");
-        item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
-        item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
-        self.put_item(with_data(item, site)).await
+        self.put_item(site_item(site)).await
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)
@@ -793,6 +798,13 @@ impl PlanStore for DynamoStore {
         .map(data)
         .collect()
     }
+}
+
+fn site_item(site: &Site) -> Item {
+    let mut item = key(format!("SITE#{}", site.site_id), "SITE");
+    item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
+    item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
+    with_data(item, site)
 }
 
 fn token_item(t: &Token) -> Item {
@@ -950,14 +962,13 @@ impl KeyStore for DynamoStore {
 
 #[async_trait]
 impl UsageStore for DynamoStore {
-    async fn count_request(&self, req: CountRequest) -> Result<Counting> {
+    async fn count_request(&self, mut req: CountRequest) -> Result<Counting> {
         let (site_ok, token) = tokio::join!(
             self.count_site(&req.site_id, req.site_requests_per_second, req.now_ms),
             self.count_token(&req)
         );
         let ((site_ok, site_counter), token) = (site_ok?, token?);
         let minute = req.now_ms / MINUTE_MS;
-        let mut audit = req.audit.clone();
         let counted = match token {
             Counted::Evaluated(eval) if eval.verdict == Verdict::Allow && !site_ok => {
                 // The site limit denies: give the token its count back.
@@ -988,18 +999,18 @@ impl UsageStore for DynamoStore {
         };
         match &counted {
             Counted::Revoked => {
-                audit.decision = DecisionKind::Deny;
-                audit.reason = Some(Reason::TokenRevoked);
+                req.audit.decision = DecisionKind::Deny;
+                req.audit.reason = Some(Reason::TokenRevoked);
             }
             Counted::Evaluated(eval) => {
-                audit.remaining = Some(eval.remaining_quota);
+                req.audit.remaining = Some(eval.remaining_quota);
                 if eval.verdict == Verdict::Allow {
-                    audit.decision = DecisionKind::Allow;
-                    audit.reason = None;
+                    req.audit.decision = DecisionKind::Allow;
+                    req.audit.reason = None;
                     self.record_events(&req, eval).await?;
                 } else {
-                    audit.decision = DecisionKind::Deny;
-                    audit.reason = Some(match eval.verdict {
+                    req.audit.decision = DecisionKind::Deny;
+                    req.audit.reason = Some(match eval.verdict {
                         Verdict::SiteRateLimited => Reason::SiteRateLimited,
                         Verdict::QuotaExceeded => Reason::QuotaExceeded,
                         _ => Reason::RateLimited,
@@ -1007,7 +1018,7 @@ impl UsageStore for DynamoStore {
                 }
             }
         }
-        self.enqueue_audit(audit).await?;
+        self.enqueue_audit(req.audit).await?;
         Ok(Counting {
             counted,
             durable: already_durable(),
@@ -1038,11 +1049,7 @@ impl UsageStore for DynamoStore {
                 .await
                 .map_err(sdk)?;
             let item = out.attributes.unwrap_or_default();
-            let w = SlidingWindow {
-                minute,
-                current: get_n(&item, &format!("m_{minute}")).unwrap_or(0),
-                previous: get_n(&item, &format!("m_{}", minute - 1)).unwrap_or(0),
-            };
+            let w = window_from(&item, minute);
             attempts = w.used(audit.ts_ms);
         }
         self.enqueue_audit(audit).await?;
@@ -1058,11 +1065,7 @@ impl UsageStore for DynamoStore {
             .await?
             .unwrap_or_default();
         Ok(TokenUsage {
-            window: SlidingWindow {
-                minute,
-                current: get_n(&item, &format!("m_{minute}")).unwrap_or(0),
-                previous: get_n(&item, &format!("m_{}", minute - 1)).unwrap_or(0),
-            },
+            window: window_from(&item, minute),
             quota: QuotaCounter {
                 period,
                 used: get_n(&item, &format!("q_{period}")).unwrap_or(0),
@@ -1097,7 +1100,7 @@ impl AuditStore for DynamoStore {
                             && k.as_bytes()[13] == b'#'
                             && k[..13].bytes().all(|b| b.is_ascii_digit())
                     })
-                    .ok_or_else(|| StoreError::Corrupt("invalid cursor".into()))?,
+                    .ok_or(StoreError::InvalidCursor)?,
             ),
             None => None,
         };

@@ -565,7 +565,7 @@ impl AuditStore for EmbeddedStore {
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
                 .filter(|k| k.starts_with(&format!("{site_id}/")))
-                .ok_or_else(|| StoreError::Corrupt("invalid cursor".into()))?;
+                .ok_or(StoreError::InvalidCursor)?;
             if decoded < end {
                 end = decoded;
             }

@@ -22,6 +22,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("already exists: {0}")]
     Conflict(String),
+    #[error("not a cursor of this query")]
+    InvalidCursor,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
