@@ -90,8 +90,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> payfence_local::anyhow_like::Result<()> {
-    // JSON logs go to stderr (non-blocking); stdout carries the human messages.
-    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    // JSON logs go to stderr (batched); stdout carries the human messages.
+    let (writer, _guard) = payfence_core::telemetry::batched(std::io::stderr());
     payfence_core::telemetry::init_with_writer(writer);
     let mut config = Config::from_env()?;
     config.allow_http_origins |= cli.allow_http_origins || cli.demo;
@@ -132,8 +132,19 @@ Health:
         );
     }
     println!("PayFence listening on {base}");
+    // Ctrl-C or SIGTERM: stop accepting, finish requests in flight, flush the logs.
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = async {
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => term.recv().await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
     };
     axum::serve(
         listener,
