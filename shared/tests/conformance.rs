@@ -612,6 +612,56 @@ conformance!(
     failed_attempts_and_admin_trail,
 );
 
+/// Counts, revocation and audit records survive closing and reopening, cycle after
+/// cycle (through the write-ahead log's replay or its checkpoints, whichever ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_keeps_counts_and_audit_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let open = || -> Arc<dyn Store> { Arc::new(EmbeddedStore::open(&path).unwrap()) };
+    let store = open();
+    let (s, p, t) = setup(&store, 1000, 1000).await;
+    let other = token(&s.site_id, &p.plan_id, None);
+    store.create_token(&other).await.unwrap();
+    drop(store);
+    for cycle in 1..=3u64 {
+        let store = open();
+        for i in 0..25 {
+            assert!(allowed(
+                &count(&store, count_req(&s, &t, &p, NOW + i)).await
+            ));
+        }
+        if cycle == 2 {
+            store
+                .revoke_token(&s.site_id, &other.token_id, 1)
+                .await
+                .unwrap();
+        }
+        drop(store);
+        let store = open();
+        assert_eq!(
+            store.token_usage(&t.token_id).await.unwrap().quota.used,
+            25 * cycle
+        );
+        let logs = store
+            .query_audit(&s.site_id, &AuditFilter::default(), 1000, None)
+            .await
+            .unwrap();
+        let mine = logs
+            .items
+            .iter()
+            .filter(|r| r.token_id.as_deref() == Some(t.token_id.as_str()));
+        assert_eq!(mine.count() as u64, 25 * cycle);
+        let other_counted = count(&store, count_req(&s, &other, &p, NOW + 100)).await;
+        assert_eq!(
+            other_counted == Counted::Revoked,
+            cycle >= 2,
+            "cycle {cycle}"
+        );
+        drop(store);
+    }
+}
+
 #[tokio::test]
 async fn embedded_purges_expired_audit_records() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@ use crate::limits::{Evaluation, PlanLimits, QuotaEventKind, TokenUsage};
 
 pub mod dynamo;
 pub mod embedded;
+mod wal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
