@@ -199,7 +199,7 @@ const SECURITY_HEADERS: [(&str, &str); 5] = [
 /// JSON line per request (never a body, token, secret, query or raw IP).
 pub async fn request_context(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = crate::ids::request_id();
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
     let route = req

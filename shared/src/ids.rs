@@ -1,10 +1,12 @@
-//! Identifiers and secrets (API.md "Identifiers and secrets"). All randomness comes
-//! from the OS CSPRNG; secrets are stored only as SHA-256 hashes or sealed.
+//! Identifiers and secrets (API.md "Identifiers and secrets"). Secrets come from the
+//! OS CSPRNG and are stored only as SHA-256 hashes or sealed; identifiers, made on
+//! every request, come from the thread-local CSPRNG (seeded from the OS), which
+//! needs no system call.
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use rand::rngs::OsRng;
-use rand::RngCore;
+use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -20,7 +22,17 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 fn id(prefix: &str) -> String {
-    format!("{prefix}{}", hex::encode(random_bytes::<8>()))
+    format!(
+        "{prefix}{}",
+        hex::encode(rand::thread_rng().gen::<[u8; 8]>())
+    )
+}
+
+/// A random (version 4) UUID, for request ids.
+pub fn request_id() -> String {
+    uuid::Builder::from_random_bytes(rand::thread_rng().gen())
+        .into_uuid()
+        .to_string()
 }
 
 pub fn site_id() -> String {

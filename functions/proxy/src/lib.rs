@@ -2,6 +2,7 @@
 //! origin with a PayFence signature, streaming bodies both ways (never buffered,
 //! stored or logged).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -24,7 +25,6 @@ use serde_json::json;
 /// Header a consumer may use for its token, so its own `Authorization` reaches the origin.
 pub const TOKEN_HEADER: &str = "x-payfence-token";
 
-#[derive(Clone)]
 struct ProxyState {
     app: AppState,
     client: OriginClient,
@@ -41,11 +41,12 @@ pub fn router(state: AppState) -> Router {
         .route("/p/{site_id}", any(proxy))
         .route("/p/{site_id}/", any(proxy))
         .route("/p/{site_id}/{*rest}", any(proxy))
-        .with_state(ProxyState {
+        // Shared, not cloned per request.
+        .with_state(Arc::new(ProxyState {
             app: state,
             client,
             timeout,
-        })
+        }))
         .layer(from_fn(request_context))
 }
 
@@ -112,7 +113,7 @@ fn denial(d: &Decision) -> Response {
     res
 }
 
-async fn proxy(State(st): State<ProxyState>, req: Request) -> Response {
+async fn proxy(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     let started = Instant::now();
     let mut log = LogFields::default();
     let mut res = match handle(&st, req, started, &mut log).await {
