@@ -5,7 +5,7 @@
 //! record, quota events) are appended here as one entry. The caller is answered once
 //! the entry is on disk: one `write` and one `fdatasync` for all the entries gathered
 //! while the previous write ran (group commit). The entries' puts reach the database
-//! in one durable transaction per checkpoint (every second, sooner when a log file
+//! in one durable transaction per checkpoint (every 20 ms, sooner when a log file
 //! fills or a reader needs them), instead of a B-tree commit per batch of decisions.
 //!
 //! Two fixed-size files, used in turn: generation `g` writes file `g % 2` from its
@@ -43,7 +43,7 @@ const MAX_ENTRY: usize = 1 << 20;
 /// the proxy hides the wait behind the origin's answer.
 const MIN_SYNC_INTERVAL: Duration = Duration::from_micros(250);
 /// Puts are applied to the database at least this often.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 const HEADER: usize = 16;
 
 /// One entry's puts, encoded.
