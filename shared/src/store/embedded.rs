@@ -289,6 +289,31 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// Set the `revoked_at` of the record at `key` (once); the record, if it exists.
+    async fn revoke<T: Serialize + DeserializeOwned + Send + 'static>(
+        &self,
+        def: Def,
+        key: String,
+        now: u64,
+        revoked_at: fn(&mut T) -> &mut Option<u64>,
+    ) -> Result<Option<T>> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(def).map_err(unavailable)?;
+            let Some(mut record) = get::<T>(&t, &key)? else {
+                return Ok(None);
+            };
+            if revoked_at(&mut record).is_none() {
+                *revoked_at(&mut record) = Some(now);
+                t.insert(key.as_str(), encode(&record).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Ok(Some(record))
+        })
+        .await
+    }
+}
+
 /// The writer thread: take jobs, run a batch in one transaction, commit, answer.
 /// Decisions do not wait for it (they wait for the log), so it runs at a lower CPU
 /// priority: a checkpoint's burst of work yields to requests in flight.
@@ -441,20 +466,13 @@ impl TokenStore for EmbeddedStore {
         })
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
-        let key = format!("{site_id}/{token_id}");
         let revoked = self
-            .write(move |txn| {
-                let mut t = txn.open_table(TOKENS).map_err(unavailable)?;
-                let Some(mut token) = get::<Token>(&t, &key)? else {
-                    return Ok(None);
-                };
-                if token.revoked_at.is_none() {
-                    token.revoked_at = Some(now);
-                    t.insert(key.as_str(), encode(&token).as_slice())
-                        .map_err(unavailable)?;
-                }
-                Ok(Some(token))
-            })
+            .revoke(
+                TOKENS,
+                format!("{site_id}/{token_id}"),
+                now,
+                |t: &mut Token| &mut t.revoked_at,
+            )
             .await?;
         // Decisions read revocation from memory: the next one sees it.
         if revoked.is_some() {
@@ -497,19 +515,12 @@ impl KeyStore for EmbeddedStore {
         self.read_table(KEYS, |t| list_prefix(t, site_id))
     }
     async fn revoke_key(&self, site_id: &str, key_id: &str, now: u64) -> Result<Option<ApiKey>> {
-        let k = format!("{site_id}/{key_id}");
-        self.write(move |txn| {
-            let mut t = txn.open_table(KEYS).map_err(unavailable)?;
-            let Some(mut key) = get::<ApiKey>(&t, &k)? else {
-                return Ok(None);
-            };
-            if key.revoked_at.is_none() {
-                key.revoked_at = Some(now);
-                t.insert(k.as_str(), encode(&key).as_slice())
-                    .map_err(unavailable)?;
-            }
-            Ok(Some(key))
-        })
+        self.revoke(
+            KEYS,
+            format!("{site_id}/{key_id}"),
+            now,
+            |k: &mut ApiKey| &mut k.revoked_at,
+        )
         .await
     }
 }

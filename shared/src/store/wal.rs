@@ -380,14 +380,16 @@ impl Writer {
 
             let mut acks = Vec::new();
             let mut syncs = Vec::new();
-            let mut payloads = Vec::new();
+            let mut last_seq = self.unapplied_seq;
+            // Payloads join `unapplied` now and leave it again if the write fails.
+            let kept = self.unapplied.len();
             buf.clear();
             for item in items {
                 match item {
                     Item::Entry { payload, seq, ack } => {
                         encode_record(&mut buf, self.gen, &payload);
-                        payloads.push(payload);
-                        self.unapplied_seq = seq;
+                        self.unapplied.extend_from_slice(&payload);
+                        last_seq = seq;
                         acks.push(ack);
                     }
                     Item::Sync(ack) => syncs.push(ack),
@@ -400,6 +402,7 @@ impl Writer {
                     .write_all_at(&buf, self.offset)
                     .and_then(|()| file.sync_data());
                 if let Err(e) = written {
+                    self.unapplied.truncate(kept);
                     self.fail(format!("writing the log failed: {e}"));
                     for ack in acks.into_iter().chain(syncs) {
                         let _ = ack.send(Err(StoreError::Unavailable(e.to_string())));
@@ -407,9 +410,7 @@ impl Writer {
                     continue;
                 }
                 self.offset += buf.len() as u64;
-                for p in payloads {
-                    self.unapplied.extend_from_slice(&p);
-                }
+                self.unapplied_seq = last_seq;
                 for ack in acks {
                     let _ = ack.send(Ok(()));
                 }
