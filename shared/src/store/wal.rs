@@ -59,6 +59,11 @@ impl Puts {
         self.push(table, true, key, value);
     }
 
+    #[cfg(test)]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn push(&mut self, table: u8, if_absent: bool, key: &str, value: &[u8]) {
         let b = &mut self.0;
         b.push(table);
