@@ -3,7 +3,8 @@
 # nginx proxy_pass. Needs: wrk, nginx (Debian packages), curl, python3.
 #   bash bench/run.sh            # results to stdout; see docs/performance.md
 # Options (environment): DUR=10s per run; CONNS="32 64"; ONLY="authorize proxy direct nginx";
-# PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check).
+# PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check);
+# BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
@@ -12,8 +13,10 @@ PROFILE="${PROFILE:-release}"
 CONNS="${CONNS:-32 64}"
 ONLY="${ONLY:-authorize proxy direct nginx}"
 UPLOAD="${UPLOAD:-1}"
-cargo build --profile "$PROFILE" -q -p payfence-local
-BIN="$CARGO_TARGET_DIR/$PROFILE/payfence-local"
+if [ -z "${BIN:-}" ]; then
+  cargo build --profile "$PROFILE" -q -p payfence-local
+  BIN="$CARGO_TARGET_DIR/$PROFILE/payfence-local"
+fi
 WORK=$(mktemp -d)
 PF=127.0.0.1:18787; ORIGIN=127.0.0.1:18081; NGINX_PROXY=127.0.0.1:18082
 cleanup() { kill "$PF_PID" 2>/dev/null || true; nginx -p "$WORK" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$WORK"; }
@@ -68,18 +71,26 @@ request = function()
 end
 LUA
 
+# CPU time (user + system) of the payfence-local process, in clock ticks.
+ticks() { awk '{print $14 + $15}' /proc/$PF_PID/stat; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 run() { # name url conns [script]
-  local out
+  local out t0 cpu=-
+  t0=$(ticks)
   if [ -n "${4:-}" ]; then out=$(MODE=$4 wrk -t2 -c"$3" -d"$DUR" --latency -s "$WORK/tokens.lua" "$2"); else out=$(wrk -t2 -c"$3" -d"$DUR" --latency "$2"); fi
   local rps p50 p99 non2xx
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  printf '| %-22s | %3s | %10s | %8s | %8s | %s |\n' "$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  # PayFence's own CPU per request: steadier than req/s on a shared, noisy machine.
+  if [ -n "${4:-}" ]; then
+    cpu=$(echo "$out" | awk -v t="$(( $(ticks) - t0 ))" -v us="$TICK_US" '/^ +[0-9]+ requests in/ {printf "%.1f", t * us / $1}')
+  fi
+  printf '| %-22s | %3s | %10s | %8s | %8s | %s | %s |\n' "$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
 }
-echo "| target | conns | req/s | p50 | p99 | non-2xx |"
-echo "|---|---|---|---|---|---|"
+echo "| target | conns | req/s | p50 | p99 | non-2xx | PayFence CPU µs/req |"
+echo "|---|---|---|---|---|---|---|"
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 for c in $CONNS; do
   if want authorize; then run "authorize (middleware)" "http://$PF" "$c" authorize; fi

@@ -10,6 +10,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod origin;
+pub mod sched;
 pub mod seal;
 pub mod state;
 pub mod store;

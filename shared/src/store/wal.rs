@@ -271,7 +271,10 @@ impl Wal {
         };
         let thread = std::thread::Builder::new()
             .name("payfence-wal".into())
-            .spawn(move || writer.run())?;
+            .spawn(move || {
+                crate::sched::set_current_thread(0, Duration::from_micros(100));
+                writer.run()
+            })?;
         Ok((wal, thread))
     }
 
