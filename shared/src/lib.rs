@@ -10,7 +10,6 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod origin;
-pub mod sched;
 pub mod seal;
 pub mod state;
 pub mod store;

@@ -316,10 +316,11 @@ impl EmbeddedStore {
 
 /// The writer thread: take jobs, run a batch in one transaction, commit, answer.
 /// Decisions do not wait for it (they wait for the log), so it runs at a lower CPU
-/// priority (nice 5) and asks for short time slices: a checkpoint's burst of work
-/// yields to requests in flight.
+/// priority: a checkpoint's burst of work yields to requests in flight.
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
-    crate::sched::set_current_thread(5, std::time::Duration::from_micros(100));
+    // On Linux the nice value is per thread; failure only leaves the default.
+    // SAFETY: setpriority has no memory-safety preconditions.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

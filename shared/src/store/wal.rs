@@ -271,10 +271,7 @@ impl Wal {
         };
         let thread = std::thread::Builder::new()
             .name("payfence-wal".into())
-            .spawn(move || {
-                crate::sched::set_current_thread(0, Duration::from_micros(100));
-                writer.run()
-            })?;
+            .spawn(move || writer.run())?;
         Ok((wal, thread))
     }
 
