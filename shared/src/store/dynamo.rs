@@ -30,7 +30,6 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 
 use super::*;
-use crate::domain::{DecisionKind, Reason};
 use crate::limits::{
     self, period_of, QuotaCounter, SecondWindow, SlidingWindow, Verdict, MINUTE_MS,
 };
@@ -997,25 +996,10 @@ impl UsageStore for DynamoStore {
                 other
             }
         };
-        match &counted {
-            Counted::Revoked => {
-                req.audit.decision = DecisionKind::Deny;
-                req.audit.reason = Some(Reason::TokenRevoked);
-            }
-            Counted::Evaluated(eval) => {
-                req.audit.remaining = Some(eval.remaining_quota);
-                if eval.verdict == Verdict::Allow {
-                    req.audit.decision = DecisionKind::Allow;
-                    req.audit.reason = None;
-                    self.record_events(&req, eval).await?;
-                } else {
-                    req.audit.decision = DecisionKind::Deny;
-                    req.audit.reason = Some(match eval.verdict {
-                        Verdict::SiteRateLimited => Reason::SiteRateLimited,
-                        Verdict::QuotaExceeded => Reason::QuotaExceeded,
-                        _ => Reason::RateLimited,
-                    });
-                }
+        req.record_outcome(&counted);
+        if let Counted::Evaluated(eval) = &counted {
+            if eval.verdict == Verdict::Allow {
+                self.record_events(&req, eval).await?;
             }
         }
         self.enqueue_audit(req.audit).await?;

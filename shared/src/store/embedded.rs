@@ -26,7 +26,6 @@ use tokio::sync::oneshot;
 
 use super::wal::{self, Checkpoint, Puts, Wal};
 use super::*;
-use crate::domain::{DecisionKind, Reason};
 use crate::limits::{self, SecondWindow, SlidingWindow, Verdict};
 
 type Def = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -640,8 +639,6 @@ impl UsageStore for EmbeddedStore {
             let site = sites.get_mut(&req.site_id).expect("loaded");
             let mut puts = Puts::default();
             let counted = if token.revoked {
-                req.audit.decision = DecisionKind::Deny;
-                req.audit.reason = Some(Reason::TokenRevoked);
                 Counted::Revoked
             } else {
                 let eval = limits::evaluate(
@@ -651,7 +648,6 @@ impl UsageStore for EmbeddedStore {
                     req.site_requests_per_second,
                     req.now_ms,
                 );
-                req.audit.remaining = Some(eval.remaining_quota);
                 if eval.verdict == Verdict::Allow {
                     token.usage = eval.usage;
                     *site = eval.site;
@@ -667,18 +663,10 @@ impl UsageStore for EmbeddedStore {
                         );
                         puts.put_if_absent(L_EVENTS, &key, &encode(&req.quota_event(&eval, *kind)));
                     }
-                    req.audit.decision = DecisionKind::Allow;
-                    req.audit.reason = None;
-                } else {
-                    req.audit.decision = DecisionKind::Deny;
-                    req.audit.reason = Some(match eval.verdict {
-                        Verdict::SiteRateLimited => Reason::SiteRateLimited,
-                        Verdict::QuotaExceeded => Reason::QuotaExceeded,
-                        _ => Reason::RateLimited,
-                    });
                 }
                 Counted::Evaluated(eval)
             };
+            req.record_outcome(&counted);
             puts.put(L_AUDIT, &audit_key(&req.audit), &encode(&req.audit));
             *seq += 1;
             token.seq = *seq;

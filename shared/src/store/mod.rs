@@ -7,9 +7,10 @@
 use async_trait::async_trait;
 
 use crate::domain::{
-    AdminEvent, ApiKey, AuditFilter, AuditRecord, Page, Plan, QuotaEvent, Site, Token,
+    AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Page, Plan, QuotaEvent, Reason,
+    Site, Token,
 };
-use crate::limits::{Evaluation, PlanLimits, QuotaEventKind, TokenUsage};
+use crate::limits::{Evaluation, PlanLimits, QuotaEventKind, TokenUsage, Verdict};
 
 pub mod dynamo;
 pub mod embedded;
@@ -61,6 +62,24 @@ pub struct Counting {
 }
 
 impl CountRequest {
+    /// Record the store's outcome (decision, reason, remaining quota) on the audit record.
+    pub fn record_outcome(&mut self, counted: &Counted) {
+        let (decision, reason) = match counted {
+            Counted::Revoked => (DecisionKind::Deny, Some(Reason::TokenRevoked)),
+            Counted::Evaluated(eval) => {
+                self.audit.remaining = Some(eval.remaining_quota);
+                match eval.verdict {
+                    Verdict::Allow => (DecisionKind::Allow, None),
+                    Verdict::SiteRateLimited => (DecisionKind::Deny, Some(Reason::SiteRateLimited)),
+                    Verdict::QuotaExceeded => (DecisionKind::Deny, Some(Reason::QuotaExceeded)),
+                    Verdict::RateLimited => (DecisionKind::Deny, Some(Reason::RateLimited)),
+                }
+            }
+        };
+        self.audit.decision = decision;
+        self.audit.reason = reason;
+    }
+
     /// The event recorded when this allowed request crossed a quota threshold.
     pub fn quota_event(&self, eval: &Evaluation, kind: QuotaEventKind) -> QuotaEvent {
         QuotaEvent {
