@@ -493,6 +493,80 @@ async fn audit_filters_and_cursor(store: Arc<dyn Store>) {
         .all(|r| r.expires_at == r.ts_ms / 1000 + 90 * 86_400));
 }
 
+/// Records of counted decisions, written in two concurrent waves whose timestamps
+/// interleave (on the embedded store each wave is its own checkpoint, so blocks
+/// overlap in time): queries still return them newest first, once each, across
+/// pages, windows and filters.
+async fn audit_of_decisions_from_overlapping_waves(store: Arc<dyn Store>) {
+    let (s, p, t) = setup(&store, 10_000, 10_000).await;
+    let other = token(&s.site_id, &p.plan_id, None);
+    store.create_token(&other).await.unwrap();
+    let ts = |i: u64| NOW + i * 100;
+    for wave in 0..2 {
+        let tasks: Vec<_> = (0..60u64)
+            .filter(|i| i % 2 == wave)
+            .map(|i| {
+                let store = store.clone();
+                let req = count_req(&s, if i % 3 == 0 { &other } else { &t }, &p, ts(i));
+                tokio::spawn(async move { count(&store, req).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Reads wait for what the decisions wrote: a checkpoint between the waves.
+        store
+            .query_audit(&s.site_id, &AuditFilter::default(), 1, None)
+            .await
+            .unwrap();
+    }
+    let pages = |f: AuditFilter, limit: usize| {
+        let store = store.clone();
+        let site_id = s.site_id.clone();
+        async move {
+            let (mut seen, mut cursor) = (Vec::new(), None::<String>);
+            loop {
+                let page = store
+                    .query_audit(&site_id, &f, limit, cursor.as_deref())
+                    .await
+                    .unwrap();
+                assert!(page.items.len() <= limit);
+                seen.extend(page.items.iter().map(|r| r.ts_ms));
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => return seen,
+                }
+            }
+        }
+    };
+    let newest_first = |is: &mut dyn Iterator<Item = u64>| is.map(ts).collect::<Vec<_>>();
+    assert_eq!(
+        pages(AuditFilter::default(), 100).await,
+        newest_first(&mut (0..60).rev())
+    );
+    assert_eq!(
+        pages(AuditFilter::default(), 7).await,
+        newest_first(&mut (0..60).rev())
+    );
+    let window = AuditFilter {
+        from_ms: Some(ts(10)),
+        to_ms: Some(ts(25)),
+        ..Default::default()
+    };
+    assert_eq!(
+        pages(window.clone(), 5).await,
+        newest_first(&mut (10..=25).rev())
+    );
+    let mine = AuditFilter {
+        token_id: Some(other.token_id.clone()),
+        ..window
+    };
+    assert_eq!(
+        pages(mine, 2).await,
+        newest_first(&mut (10..=25).rev().filter(|i| i % 3 == 0))
+    );
+}
+
 async fn failed_attempts_and_admin_trail(store: Arc<dyn Store>) {
     let s = site("o");
     store.create_site(&s).await.unwrap();
@@ -609,6 +683,7 @@ conformance!(
     revocation_and_missing_tokens,
     sliding_window_matches_the_pure_model,
     audit_filters_and_cursor,
+    audit_of_decisions_from_overlapping_waves,
     failed_attempts_and_admin_trail,
 );
 
@@ -674,12 +749,39 @@ async fn embedded_purges_expired_audit_records() {
     let mut old = audit(&s.site_id, NOW - 1, None, DecisionKind::Deny, "/");
     old.expires_at = NOW / 1000 - 1;
     store.append_audit(old).await.unwrap();
-    assert_eq!(store.purge_expired(NOW / 1000).await.unwrap(), 1);
-    let left = store
-        .query_audit(&s.site_id, &AuditFilter::default(), 10, None)
+    // Records of decisions (written in blocks by checkpoints): two of three expired.
+    let store: Arc<dyn Store> = Arc::new(store);
+    let (s2, p, t) = setup(&store, 100, 100).await;
+    for i in 0..3 {
+        let mut req = count_req(&s2, &t, &p, NOW + i);
+        if i != 1 {
+            req.audit.expires_at = NOW / 1000 - 1;
+        }
+        count(&store, req).await;
+    }
+    store
+        .query_audit(&s2.site_id, &AuditFilter::default(), 1, None)
         .await
-        .unwrap();
-    assert_eq!(left.items.len(), 1);
+        .unwrap(); // waits for the checkpoint
+    assert_eq!(store.purge_expired(NOW / 1000).await.unwrap(), 3);
+    let left = |site_id: String| {
+        let store = store.clone();
+        async move {
+            let all = AuditFilter::default();
+            store
+                .query_audit(&site_id, &all, 10, None)
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    assert_eq!(left(s.site_id.clone()).await.len(), 1);
+    let decisions = left(s2.site_id.clone()).await;
+    assert_eq!(
+        decisions.iter().map(|r| r.ts_ms).collect::<Vec<_>>(),
+        [NOW + 1]
+    );
+    assert_eq!(store.purge_expired(NOW / 1000).await.unwrap(), 0);
 }
 
 #[tokio::test]

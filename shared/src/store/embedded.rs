@@ -38,7 +38,7 @@ const KEY_HASH: Def = TableDefinition::new("key_hash"); // hash -> site/key
 const USAGE: Def = TableDefinition::new("usage"); // token -> TokenUsage
 const SITE_USAGE: Def = TableDefinition::new("site_usage"); // site -> SecondWindow
 const FAILED: Def = TableDefinition::new("failed"); // site/client -> SlidingWindow
-const AUDIT: Def = TableDefinition::new("audit"); // site/ts_ms(13)/id -> AuditRecord
+const AUDIT: Def = TableDefinition::new("audit"); // site/ts_ms(13)/… -> records (see `audit_records`)
 const EVENTS: Def = TableDefinition::new("events"); // site/token/period/kind -> QuotaEvent
 const ADMIN: Def = TableDefinition::new("admin"); // ts_ms(13)/id -> AdminEvent
 const META: Def = TableDefinition::new("meta"); // "wal_next_gen" -> u64 LE
@@ -105,8 +105,103 @@ fn list_prefix<T: DeserializeOwned>(
     Ok(out)
 }
 
+/// A record's key: records are ordered (newest first in queries) by it.
 fn audit_key(r: &AuditRecord) -> String {
     format!("{}/{:013}/{}", r.site_id, r.ts_ms, r.id)
+}
+
+/// Largest timestamp a 13-digit key holds (year 2286); filters are clamped to it.
+const MAX_KEY_TS: u64 = 9_999_999_999_999;
+
+/// The timestamp in an audit table key or record key (`site/ts_ms/…`).
+fn key_ts(key: &str) -> Result<u64> {
+    key.split('/')
+        .nth(1)
+        .and_then(|ts| ts.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("audit key {key:?}")))
+}
+
+/// A checkpoint writes a site's records as blocks, each spanning at most this
+/// (in record timestamps), keyed by the newest record's timestamp; queries look
+/// this far past their upper bound for blocks holding older records.
+const AUDIT_BLOCK_SPAN_MS: u64 = 1_000;
+const AUDIT_BLOCK: u8 = 1;
+
+/// The audit table's values are either one record (its JSON; the table key is the
+/// record's key) or a block written by a checkpoint: a tag byte, then for each
+/// record in key order its key (u16 length, LE) and JSON (u32 length, LE).
+/// One B-tree insert per block instead of one per decision.
+fn audit_records<'a>(key: &'a str, value: &'a [u8]) -> Result<Vec<(&'a str, &'a [u8])>> {
+    let corrupt = || StoreError::Corrupt(format!("audit block {key:?}"));
+    match value.first() {
+        Some(b'{') => Ok(vec![(key, value)]),
+        Some(&AUDIT_BLOCK) => {
+            fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+                let (head, rest) = b.split_at_checked(n)?;
+                *b = rest;
+                Some(head)
+            }
+            let mut b = &value[1..];
+            let mut out = Vec::new();
+            while !b.is_empty() {
+                let record = (|| {
+                    let klen = u16::from_le_bytes(take(&mut b, 2)?.try_into().ok()?);
+                    let k = std::str::from_utf8(take(&mut b, klen.into())?).ok()?;
+                    let vlen = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+                    Some((k, take(&mut b, vlen as usize)?))
+                })();
+                out.push(record.ok_or_else(corrupt)?);
+            }
+            Ok(out)
+        }
+        _ => Err(corrupt()),
+    }
+}
+
+fn audit_block<'a>(records: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
+    let mut out = vec![AUDIT_BLOCK];
+    for (k, v) in records {
+        out.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// Write a log generation's audit records (key, JSON) as blocks: per site, in key
+/// order, split where a block would span more than [`AUDIT_BLOCK_SPAN_MS`].
+fn put_audit_blocks(
+    t: &mut redb::Table<&'static str, &'static [u8]>,
+    gen: u64,
+    mut records: Vec<(&str, &[u8])>,
+) -> Result<()> {
+    records.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut n = 0;
+    let mut rest = records.as_slice();
+    while let Some(&(first, _)) = rest.first() {
+        let site = first.split('/').next().unwrap_or_default();
+        let first_ts = key_ts(first)?;
+        let mut len = 1;
+        let mut last_ts = first_ts;
+        for &(k, _) in &rest[1..] {
+            let ts = key_ts(k)?;
+            if k.split('/').next() != Some(site)
+                || ts.saturating_sub(first_ts) > AUDIT_BLOCK_SPAN_MS
+            {
+                break;
+            }
+            last_ts = ts;
+            len += 1;
+        }
+        let (block, tail) = rest.split_at(len);
+        let key = format!("{site}/{last_ts:013}/~{gen:016x}.{n}");
+        t.insert(key.as_str(), audit_block(block.iter().copied()).as_slice())
+            .map_err(unavailable)?;
+        n += 1;
+        rest = tail;
+    }
+    Ok(())
 }
 
 /// The embedded store. Cheap to clone.
@@ -169,7 +264,7 @@ impl EmbeddedStore {
         let (files, unapplied) = wal::open_files(path, next_gen)?;
         let mut gen = next_gen;
         for (g, puts) in &unapplied {
-            apply_logged(&txn, puts)?;
+            apply_logged(&txn, *g, puts)?;
             gen = g + 1;
         }
         set_next_gen(&txn, gen)?;
@@ -556,15 +651,19 @@ fn set_next_gen(txn: &WriteTransaction, gen: u64) -> Result<()> {
 /// Apply a log generation's puts. A key put many times (a busy token's usage, a
 /// site's window) is written once, with its last value: the same end state for a
 /// fraction of the B-tree work. A put-if-absent is skipped when the generation also
-/// puts its key outright, since that put decides the end state either way.
-fn apply_logged(txn: &WriteTransaction, puts: &[u8]) -> Result<()> {
+/// puts its key outright, since that put decides the end state either way. Audit
+/// records (each put once) are written as blocks ([`put_audit_blocks`]).
+fn apply_logged(txn: &WriteTransaction, gen: u64, puts: &[u8]) -> Result<()> {
     if puts.is_empty() {
         return Ok(());
     }
     let puts = wal::decode_puts(puts)?;
-    let mut last: HashMap<(u8, &str), usize> = HashMap::with_capacity(puts.len());
+    let mut audit = Vec::new();
+    let mut last: HashMap<(u8, &str), usize> = HashMap::new();
     for (i, p) in puts.iter().enumerate() {
-        if !p.if_absent {
+        if p.table == L_AUDIT {
+            audit.push((p.key, p.value));
+        } else if !p.if_absent {
             last.insert((p.table, p.key), i);
         }
     }
@@ -573,6 +672,9 @@ fn apply_logged(txn: &WriteTransaction, puts: &[u8]) -> Result<()> {
         tables.push(txn.open_table(def).map_err(unavailable)?);
     }
     for (i, p) in puts.iter().enumerate() {
+        if p.table == L_AUDIT {
+            continue;
+        }
         let t = tables
             .get_mut(p.table as usize)
             .ok_or_else(|| StoreError::Corrupt(format!("log entry for table {}", p.table)))?;
@@ -586,13 +688,13 @@ fn apply_logged(txn: &WriteTransaction, puts: &[u8]) -> Result<()> {
         }
         t.insert(p.key, p.value).map_err(unavailable)?;
     }
-    Ok(())
+    put_audit_blocks(&mut tables[L_AUDIT as usize], gen, audit)
 }
 
 /// A checkpoint as a writer job: its puts and the next generation, in one commit.
 fn checkpoint_job(c: Checkpoint) -> Job {
     Box::new(move |txn| {
-        let status = apply_logged(txn, &c.puts).and_then(|()| set_next_gen(txn, c.gen + 1));
+        let status = apply_logged(txn, c.gen, &c.puts).and_then(|()| set_next_gen(txn, c.gen + 1));
         (status, c.done)
     })
 }
@@ -730,73 +832,177 @@ impl AuditStore for EmbeddedStore {
         cursor: Option<&str>,
     ) -> Result<Page<AuditRecord>> {
         self.shared.wal.sync().await?;
-        let start = format!("{site_id}/{:013}", filter.from_ms.unwrap_or(0));
-        let mut end = match filter.to_ms {
-            Some(to) => format!("{site_id}/{:013}0", to), // include records at `to`
-            None => format!("{site_id}0"),
+        // Records with keys in lo..hi, newest (greatest key) first.
+        let lo = format!(
+            "{site_id}/{:013}",
+            filter.from_ms.unwrap_or(0).min(MAX_KEY_TS)
+        );
+        let (mut hi, mut hi_ts) = match filter.to_ms {
+            Some(to) => {
+                let to = to.min(MAX_KEY_TS);
+                (format!("{site_id}/{to:013}0"), Some(to)) // records at `to` included
+            }
+            None => (format!("{site_id}0"), None),
         };
         if let Some(c) = cursor {
-            let decoded = URL_SAFE_NO_PAD
+            let after = URL_SAFE_NO_PAD
                 .decode(c)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
                 .filter(|k| k.starts_with(&format!("{site_id}/")))
+                .and_then(|k| Some((key_ts(&k).ok()?, k)))
                 .ok_or(StoreError::InvalidCursor)?;
-            if decoded < end {
-                end = decoded;
+            if after.1 < hi {
+                (hi_ts, hi) = (Some(after.0), after.1);
             }
         }
+        // A value is keyed by its newest record, and a block spans at most
+        // AUDIT_BLOCK_SPAN_MS: values keyed past that hold no record below `hi`.
+        let values_hi = match hi_ts {
+            Some(ts) => format!(
+                "{site_id}/{:013}0",
+                (ts + AUDIT_BLOCK_SPAN_MS).min(MAX_KEY_TS)
+            ),
+            None => format!("{site_id}0"),
+        };
         self.read_table(AUDIT, |t| {
-            let mut items = Vec::new();
-            let mut last_key = None;
-            let mut more = false;
-            if start < end {
-                for row in t
-                    .range(start.as_str()..end.as_str())
-                    .map_err(unavailable)?
-                    .rev()
-                {
-                    let (k, v) = row.map_err(unavailable)?;
-                    let r: AuditRecord = decode(v.value())?;
-                    if !filter.matches(&r) {
+            let mut page = AuditPage::new(limit);
+            if lo >= values_hi {
+                return Ok(page.finish());
+            }
+            for row in t
+                .range(lo.as_str()..values_hi.as_str())
+                .map_err(unavailable)?
+                .rev()
+            {
+                let (k, v) = row.map_err(unavailable)?;
+                // Values still unread hold records no newer than this one's newest.
+                if page.emit(Some(key_ts(k.value())?)) {
+                    return Ok(page.finish());
+                }
+                for (key, json) in audit_records(k.value(), v.value())? {
+                    if key < lo.as_str() || key >= hi.as_str() {
                         continue;
                     }
-                    if items.len() == limit {
-                        more = true;
-                        break;
+                    let r: AuditRecord = decode(json)?;
+                    if filter.matches(&r) {
+                        page.pending.push(Pending(key.to_owned(), r));
                     }
-                    last_key = Some(k.value().to_owned());
-                    items.push(r);
                 }
             }
-            Ok(Page {
-                items,
-                next_cursor: if more {
-                    last_key.map(|k| URL_SAFE_NO_PAD.encode(k))
-                } else {
-                    None
-                },
-            })
+            page.emit(None);
+            Ok(page.finish())
         })
     }
 
     async fn purge_expired(&self, now_s: u64) -> Result<u64> {
         self.write(move |txn| {
             let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
-            let mut expired = Vec::new();
+            let mut purged = 0;
+            let mut changes = Vec::new();
             for row in t.iter().map_err(unavailable)? {
                 let (k, v) = row.map_err(unavailable)?;
-                let r: AuditRecord = decode(v.value())?;
-                if r.expires_at <= now_s {
-                    expired.push(k.value().to_owned());
+                let records = audit_records(k.value(), v.value())?;
+                let mut kept = Vec::with_capacity(records.len());
+                for &(key, json) in &records {
+                    if decode::<AuditRecord>(json)?.expires_at > now_s {
+                        kept.push((key, json));
+                    }
+                }
+                if kept.len() < records.len() {
+                    purged += (records.len() - kept.len()) as u64;
+                    let rewritten = (!kept.is_empty()).then(|| audit_block(kept));
+                    changes.push((k.value().to_owned(), rewritten));
                 }
             }
-            for k in &expired {
-                t.remove(k.as_str()).map_err(unavailable)?;
+            for (k, v) in changes {
+                match v {
+                    Some(v) => t.insert(k.as_str(), v.as_slice()),
+                    None => t.remove(k.as_str()),
+                }
+                .map_err(unavailable)?;
             }
-            Ok(expired.len() as u64)
+            Ok(purged)
         })
         .await
+    }
+}
+
+/// A record waiting to be emitted, ordered by its key.
+struct Pending(String, AuditRecord);
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+/// A page of the logs query, merged from values read newest-keyed first (blocks of
+/// neighbouring checkpoints may overlap in time).
+struct AuditPage {
+    limit: usize,
+    pending: std::collections::BinaryHeap<Pending>,
+    items: Vec<AuditRecord>,
+    last_key: Option<String>,
+    more: bool,
+}
+
+impl AuditPage {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            pending: Default::default(),
+            items: Vec::new(),
+            last_key: None,
+            more: false,
+        }
+    }
+
+    /// Move pending records newer than `newer_than` (all if `None`) to the page;
+    /// true once it is full and a further match is known.
+    fn emit(&mut self, newer_than: Option<u64>) -> bool {
+        while let Some(top) = self.pending.peek() {
+            if newer_than.is_some_and(|ts| key_ts(&top.0).is_ok_and(|t| t <= ts)) {
+                break;
+            }
+            let Pending(key, r) = self.pending.pop().expect("peeked");
+            if self.push(key, r) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn push(&mut self, key: String, r: AuditRecord) -> bool {
+        if self.items.len() == self.limit {
+            self.more = true;
+            return true;
+        }
+        self.last_key = Some(key);
+        self.items.push(r);
+        false
+    }
+
+    fn finish(self) -> Page<AuditRecord> {
+        Page {
+            items: self.items,
+            next_cursor: if self.more {
+                self.last_key.map(|k| URL_SAFE_NO_PAD.encode(k))
+            } else {
+                None
+            },
+        }
     }
 }
 
@@ -878,8 +1084,9 @@ mod tests {
         p.put_if_absent(L_EVENTS, "old", b"ignored");
         p.put_if_absent(L_EVENTS, "then-put", b"ignored");
         p.put(L_EVENTS, "then-put", b"outright");
-        p.put(L_AUDIT, "a", b"x");
-        apply_logged(&txn, p.as_bytes()).unwrap();
+        p.put(L_AUDIT, "s/0000000000002/b", b"{}");
+        p.put(L_AUDIT, "s/0000000000001/a", b"{}");
+        apply_logged(&txn, 7, p.as_bytes()).unwrap();
         let value = |def: Def, key: &str| {
             let t = txn.open_table(def).unwrap();
             let v = t.get(key).unwrap().map(|v| v.value().to_vec());
@@ -889,6 +1096,13 @@ mod tests {
         assert_eq!(value(EVENTS, "new").as_deref(), Some(&b"first"[..]));
         assert_eq!(value(EVENTS, "old").as_deref(), Some(&b"kept"[..]));
         assert_eq!(value(EVENTS, "then-put").as_deref(), Some(&b"outright"[..]));
-        assert_eq!(value(AUDIT, "a").as_deref(), Some(&b"x"[..]));
+        let block = value(AUDIT, "s/0000000000002/~0000000000000007.0").unwrap();
+        assert_eq!(
+            audit_records("k", &block).unwrap(),
+            [
+                ("s/0000000000001/a", &b"{}"[..]),
+                ("s/0000000000002/b", b"{}")
+            ]
+        );
     }
 }
