@@ -4,7 +4,9 @@
 #   bash bench/run.sh            # results to stdout; see docs/performance.md
 # Options (environment): DUR=10s per run; CONNS="32 64"; ONLY="authorize proxy direct nginx";
 # PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check);
-# BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits).
+# BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits);
+# PAUSED=1 adds runs at a fixed, moderate load: PAUSED_CONNS=64 connections, each pausing
+# PAUSE_MS=10 between requests (latency added by the proxy without saturating the machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
@@ -13,6 +15,7 @@ PROFILE="${PROFILE:-release}"
 CONNS="${CONNS:-32 64}"
 ONLY="${ONLY:-authorize proxy direct nginx}"
 UPLOAD="${UPLOAD:-1}"
+PAUSED="${PAUSED:-1}"; PAUSED_CONNS="${PAUSED_CONNS:-64}"; PAUSE_MS="${PAUSE_MS:-10}"
 if [ -z "${BIN:-}" ]; then
   cargo build --profile "$PROFILE" -q -p payfence-local
   BIN="$CARGO_TARGET_DIR/$PROFILE/payfence-local"
@@ -69,7 +72,9 @@ request = function()
   end
   return wrk.format("GET", "/p/$SITE/v1/flights?from=OSL", {["Authorization"] = "Bearer " .. t})
 end
+if os.getenv("PAUSE") then delay = function() return $PAUSE_MS end end
 LUA
+echo "delay = function() return $PAUSE_MS end" > "$WORK/pause.lua"
 
 # CPU time (user + system) of the payfence-local process, in clock ticks.
 ticks() { awk '{print $14 + $15}' /proc/$PF_PID/stat; }
@@ -77,7 +82,9 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 run() { # name url conns [script]
   local out t0 cpu=-
   t0=$(ticks)
-  if [ -n "${4:-}" ]; then out=$(MODE=$4 wrk -t2 -c"$3" -d"$DUR" --latency -s "$WORK/tokens.lua" "$2"); else out=$(wrk -t2 -c"$3" -d"$DUR" --latency "$2"); fi
+  local script=()
+  if [ -n "${4:-}" ]; then script=(-s "$WORK/tokens.lua"); elif [ -n "${PAUSE:-}" ]; then script=(-s "$WORK/pause.lua"); fi
+  out=$(MODE=${4:-} wrk -t2 -c"$3" -d"$DUR" --latency "${script[@]}" "$2")
   local rps p50 p99 non2xx
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
@@ -92,12 +99,21 @@ run() { # name url conns [script]
 echo "| target | conns | req/s | p50 | p99 | non-2xx | PayFence CPU µs/req |"
 echo "|---|---|---|---|---|---|---|"
 want() { [[ " $ONLY " == *" $1 "* ]]; }
-for c in $CONNS; do
-  if want authorize; then run "authorize (middleware)" "http://$PF" "$c" authorize; fi
-  if want proxy; then run "proxy (PayFence)" "http://$PF" "$c" proxy; fi
-  if want direct; then run "origin directly" "http://$ORIGIN/v1/flights?from=OSL" "$c"; fi
-  if want nginx; then run "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" "$c"; fi
-done
+runs() { # conns
+  if want authorize; then run "authorize (middleware)" "http://$PF" "$1" authorize; fi
+  if want proxy; then run "proxy (PayFence)" "http://$PF" "$1" proxy; fi
+  if want direct; then run "origin directly" "http://$ORIGIN/v1/flights?from=OSL" "$1"; fi
+  if want nginx; then run "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" "$1"; fi
+}
+for c in $CONNS; do runs "$c"; done
+if [ "$PAUSED" = 1 ]; then
+  echo
+  echo "At a fixed load: $PAUSED_CONNS connections, each pausing $PAUSE_MS ms between requests"
+  echo
+  echo "| target | conns | req/s | p50 | p99 | non-2xx | PayFence CPU µs/req |"
+  echo "|---|---|---|---|---|---|---|"
+  PAUSE=1 runs "$PAUSED_CONNS"
+fi
 [ "$UPLOAD" = 1 ] || exit 0
 
 # RSS while streaming a 1 GiB upload through the proxy.
