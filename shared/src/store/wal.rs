@@ -43,7 +43,7 @@ const MAX_ENTRY: usize = 1 << 20;
 /// costs the log thread ~100 µs of it on the development VM), and the proxy hides the
 /// wait behind the origin's answer. An idle log writes at once: the wait only applies
 /// right after a write.
-const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(1);
+const MIN_SYNC_INTERVAL: Duration = Duration::from_micros(500);
 /// Puts are applied to the database at least this often.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 const HEADER: usize = 16;
