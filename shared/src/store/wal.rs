@@ -40,7 +40,7 @@ const MAX_GROUP: usize = 4 << 20;
 const MAX_ENTRY: usize = 1 << 20;
 /// Writes (each ends with an `fdatasync`) start at most this often; entries that
 /// arrive meanwhile share the next one. Fewer, larger syncs cost far less CPU (each
-/// costs the log thread ~100 µs of it on the development VM), and the proxy hides the
+/// costs the log thread ~65 µs of it on the development VM), and the proxy hides the
 /// wait behind the origin's answer. An idle log writes at once: the wait only applies
 /// right after a write.
 const MIN_SYNC_INTERVAL: Duration = Duration::from_micros(500);
