@@ -973,7 +973,8 @@ impl AuditPage {
     /// true once it is full and a further match is known.
     fn emit(&mut self, newer_than: Option<u64>) -> bool {
         while let Some(top) = self.pending.peek() {
-            if newer_than.is_some_and(|ts| key_ts(&top.0).is_ok_and(|t| t <= ts)) {
+            // A record's key holds its `ts_ms` (see `audit_key`).
+            if newer_than.is_some_and(|ts| top.1.ts_ms <= ts) {
                 break;
             }
             let Pending(key, r) = self.pending.pop().expect("peeked");
