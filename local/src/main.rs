@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -76,11 +77,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    match runtime().expect("tokio runtime").block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -100,9 +97,7 @@ async fn run(cli: Cli) -> payfence_local::anyhow_like::Result<()> {
         None => Local::open(&cli.data_dir, config)?,
     };
     local.spawn_retention();
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
-        .map_err(|e| format!("--listen {}: {e}", cli.listen))?;
+    let listener = bind(cli.listen).map_err(|e| format!("--listen {}: {e}", cli.listen))?;
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
     if cli.demo {
@@ -146,13 +141,66 @@ Health:
             _ = term => {}
         }
     };
+    // One single-threaded runtime per core, each accepting on the same listening
+    // socket: a connection, its requests and its origin connections stay on one
+    // thread (no hand-offs between workers; measured in docs/performance.md).
+    let local = Arc::new(local);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    for i in 1..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        let (listener, local, mut stopped) =
+            (listener.try_clone()?, local.clone(), stopped.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("payfence-http-{i}"))
+            .spawn(move || {
+                runtime()?.block_on(serve(listener, &local, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                }))
+            })?;
+        threads.push(thread);
+    }
+    serve(listener, &local, async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    })
+    .await?;
+    for thread in threads {
+        thread.join().map_err(|_| "a server thread panicked")??;
+    }
+    Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// A listening socket (non-blocking, `SO_REUSEADDR` so a restart can bind at once).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+/// Serve every router on `listener` (on the current runtime) until `shutdown`, then
+/// finish the requests in flight.
+async fn serve(
+    listener: std::net::TcpListener,
+    local: &Local,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(
-        listener,
+        tokio::net::TcpListener::from_std(listener)?,
         local
             .router()
             .into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await?;
-    Ok(())
+    .await
 }

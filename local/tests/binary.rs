@@ -282,3 +282,73 @@ async fn bad_input_on_the_wire_gets_a_clear_4xx_and_never_a_crash() {
     assert_eq!(res.status(), 200);
     assert!(!server.stderr.lock().unwrap().contains("panicked"));
 }
+
+#[tokio::test]
+async fn sigterm_finishes_requests_in_flight_on_every_thread_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    let jwt = dev_token(dir.path(), "alice", "site_owner");
+    let http = client();
+    let (listener, addr) = bind_origin().await;
+    let site: Value = post_json(
+        &http,
+        &format!("{}/api/sites", server.base),
+        &jwt,
+        &json!({"name": "Slow", "origin_url": format!("http://{addr}")}),
+    )
+    .await;
+    let site_id = site["site_id"].as_str().unwrap().to_owned();
+    serve_origin(
+        listener,
+        payfence_signing::Verifier::new(site["signing_secret"].as_str().unwrap()),
+    );
+    let plan: Value = post_json(
+        &http,
+        &format!("{}/api/sites/{site_id}/plans", server.base),
+        &jwt,
+        &json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}),
+    )
+    .await;
+    let tok: Value = post_json(
+        &http,
+        &format!("{}/api/sites/{site_id}/tokens", server.base),
+        &jwt,
+        &json!({"plan_id": plan["plan_id"]}),
+    )
+    .await;
+    let token = tok["token"].as_str().unwrap().to_owned();
+
+    // Eight connections (a client each), so every server thread holds some; each
+    // request takes the origin 3 s.
+    let in_flight: Vec<_> = (0..8)
+        .map(|_| {
+            let url = format!("{}/p/{site_id}/slow", server.base);
+            let token = token.clone();
+            tokio::spawn(async move { client().get(url).bearer_auth(token).send().await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    for request in in_flight {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 30 s after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    std::thread::sleep(std::time::Duration::from_millis(100)); // the last lines
+    let logs = server.stderr.lock().unwrap().clone();
+    assert_eq!(logs.matches("\"route\":\"/p/").count(), 8, "{logs}");
+}
