@@ -41,9 +41,13 @@ const MAX_ENTRY: usize = 1 << 20;
 /// Writes (each ends with an `fdatasync`) start at most this often; entries that
 /// arrive meanwhile share the next one. Fewer, larger syncs cost far less CPU (each
 /// costs the log thread ~65 µs of it on the development VM), and the proxy hides the
-/// wait behind the origin's answer. An idle log writes at once: the wait only applies
-/// right after a write.
-const MIN_SYNC_INTERVAL: Duration = Duration::from_micros(500);
+/// wait behind the origin's answer.
+const MAX_SYNC_INTERVAL: Duration = Duration::from_micros(500);
+/// How long the log lets entries gather after a write, per entry that write carried,
+/// up to [`MAX_SYNC_INTERVAL`]: under light load groups are small and entries are
+/// written almost at once (CPU is spare); under heavy load the wait grows to the cap
+/// and each sync carries many entries. An idle log writes at once.
+const GATHER_PER_ENTRY: Duration = Duration::from_micros(50);
 /// Puts are applied to the database at least this often.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 const HEADER: usize = 16;
@@ -348,9 +352,10 @@ impl Writer {
     fn run(&mut self) {
         let mut buf = Vec::with_capacity(MAX_GROUP + MAX_ENTRY);
         let mut last_sync = Instant::now();
+        let mut gather = Duration::ZERO;
         loop {
             // Let entries gather until the next write may start (nobody wakes us).
-            std::thread::sleep(MIN_SYNC_INTERVAL.saturating_sub(last_sync.elapsed()));
+            std::thread::sleep(gather.saturating_sub(last_sync.elapsed()));
             let items = {
                 let mut q = self.wal.queue.lock().unwrap();
                 while q.items.is_empty() && !q.stop {
@@ -418,6 +423,9 @@ impl Writer {
                 }
                 self.offset += buf.len() as u64;
                 self.unapplied_seq = last_seq;
+                gather = GATHER_PER_ENTRY
+                    .saturating_mul(acks.len().try_into().unwrap_or(u32::MAX))
+                    .min(MAX_SYNC_INTERVAL);
                 for ack in acks {
                     let _ = ack.send(Ok(()));
                 }
