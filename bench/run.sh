@@ -6,7 +6,8 @@
 # PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check);
 # BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits);
 # PAUSED=1 adds runs at a fixed, moderate load: PAUSED_CONNS=64 connections, each pausing
-# PAUSE_MS=10 between requests (latency added by the proxy without saturating the machine).
+# 0 to 2 x PAUSE_MS=10 ms (uniformly) between requests, so arrivals are spread rather than
+# in waves (latency added by the proxy without saturating the machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
@@ -72,9 +73,9 @@ request = function()
   end
   return wrk.format("GET", "/p/$SITE/v1/flights?from=OSL", {["Authorization"] = "Bearer " .. t})
 end
-if os.getenv("PAUSE") then delay = function() return $PAUSE_MS end end
+if os.getenv("PAUSE") then delay = function() return math.random(0, 2 * $PAUSE_MS) end end
 LUA
-echo "delay = function() return $PAUSE_MS end" > "$WORK/pause.lua"
+echo "delay = function() return math.random(0, 2 * $PAUSE_MS) end" > "$WORK/pause.lua"
 
 # CPU time (user + system) of the payfence-local process, in clock ticks.
 ticks() { awk '{print $14 + $15}' /proc/$PF_PID/stat; }
