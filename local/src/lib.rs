@@ -1,6 +1,8 @@
 //! `payfence-local`: every PayFence function's routes on one port, on the embedded
 //! store in a data directory, with its own JWT issuer for the dashboard.
 
+pub mod server;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

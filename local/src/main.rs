@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use payfence_core::auth::Role;
 use payfence_core::config::Config;
-use payfence_local::{start_demo, Issuer, Local};
+use payfence_local::{server, start_demo, Issuer, Local};
 
 #[derive(Parser)]
 #[command(
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match runtime().expect("tokio runtime").block_on(run(cli)) {
+    match server::runtime().expect("tokio runtime").block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -97,7 +97,7 @@ async fn run(cli: Cli) -> payfence_local::anyhow_like::Result<()> {
         None => Local::open(&cli.data_dir, config)?,
     };
     local.spawn_retention();
-    let listener = bind(cli.listen).map_err(|e| format!("--listen {}: {e}", cli.listen))?;
+    let listener = server::bind(cli.listen).map_err(|e| format!("--listen {}: {e}", cli.listen))?;
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
     if cli.demo {
@@ -141,66 +141,7 @@ Health:
             _ = term => {}
         }
     };
-    // One single-threaded runtime per core, each accepting on the same listening
-    // socket: a connection, its requests and its origin connections stay on one
-    // thread (no hand-offs between workers; measured in docs/performance.md).
-    let local = Arc::new(local);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut threads = Vec::new();
-    for i in 1..std::thread::available_parallelism().map_or(1, |n| n.get()) {
-        let (listener, local, mut stopped) =
-            (listener.try_clone()?, local.clone(), stopped.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("payfence-http-{i}"))
-            .spawn(move || {
-                runtime()?.block_on(serve(listener, &local, async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                }))
-            })?;
-        threads.push(thread);
-    }
-    serve(listener, &local, async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    })
-    .await?;
-    for thread in threads {
-        thread.join().map_err(|_| "a server thread panicked")??;
-    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    server::run(listener, Arc::new(local), threads, shutdown).await?;
     Ok(())
-}
-
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-}
-
-/// A listening socket (non-blocking, `SO_REUSEADDR` so a restart can bind at once).
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)?.into_std()
-}
-
-/// Serve every router on `listener` (on the current runtime) until `shutdown`, then
-/// finish the requests in flight.
-async fn serve(
-    listener: std::net::TcpListener,
-    local: &Local,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        tokio::net::TcpListener::from_std(listener)?,
-        local
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
 }
