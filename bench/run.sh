@@ -109,7 +109,7 @@ runs() { # conns
 for c in $CONNS; do runs "$c"; done
 if [ "$PAUSED" = 1 ]; then
   echo
-  echo "At a fixed load: $PAUSED_CONNS connections, each pausing $PAUSE_MS ms between requests"
+  echo "At a fixed load: $PAUSED_CONNS connections, each pausing 0 to $((2 * PAUSE_MS)) ms (uniform) between requests"
   echo
   echo "| target | conns | req/s | p50 | p99 | non-2xx | PayFence CPU µs/req |"
   echo "|---|---|---|---|---|---|---|"
