@@ -109,34 +109,8 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
     let http = client();
     let jwt = dev_token(dir.path(), "alice", "site_owner"); // while the server runs
 
-    let (listener, addr) = bind_origin().await;
-    let site: Value = post_json(
-        &http,
-        &format!("{}/api/sites", server.base),
-        &jwt,
-        &json!({"name": "Travel", "origin_url": format!("http://{addr}")}),
-    )
-    .await;
+    let (site, token, origin) = provision(&http, &server.base, &jwt).await;
     let site_id = site["site_id"].as_str().unwrap().to_owned();
-    let origin = serve_origin(
-        listener,
-        payfence_signing::Verifier::new(site["signing_secret"].as_str().unwrap()),
-    );
-    let plan: Value = post_json(
-        &http,
-        &format!("{}/api/sites/{site_id}/plans", server.base),
-        &jwt,
-        &json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}),
-    )
-    .await;
-    let tok: Value = post_json(
-        &http,
-        &format!("{}/api/sites/{site_id}/tokens", server.base),
-        &jwt,
-        &json!({"plan_id": plan["plan_id"]}),
-    )
-    .await;
-    let token = tok["token"].as_str().unwrap().to_owned();
 
     let marker = format!("MARKER-{}", uuid_like());
     for i in 0..7 {
@@ -216,6 +190,40 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
 }
 
+/// A site in front of a fresh verifying origin, a plan (600/min, 50 a month) and a
+/// token: the site as created (with its signing secret), the token, the origin.
+async fn provision(http: &reqwest::Client, base: &str, jwt: &str) -> (Value, String, Origin) {
+    let (listener, addr) = bind_origin().await;
+    let site: Value = post_json(
+        http,
+        &format!("{base}/api/sites"),
+        jwt,
+        &json!({"name": "Travel", "origin_url": format!("http://{addr}")}),
+    )
+    .await;
+    let site_id = site["site_id"].as_str().unwrap();
+    let origin = serve_origin(
+        listener,
+        payfence_signing::Verifier::new(site["signing_secret"].as_str().unwrap()),
+    );
+    let plan: Value = post_json(
+        http,
+        &format!("{base}/api/sites/{site_id}/plans"),
+        jwt,
+        &json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}),
+    )
+    .await;
+    let tok: Value = post_json(
+        http,
+        &format!("{base}/api/sites/{site_id}/tokens"),
+        jwt,
+        &json!({"plan_id": plan["plan_id"]}),
+    )
+    .await;
+    let token = tok["token"].as_str().unwrap().to_owned();
+    (site, token, origin)
+}
+
 async fn post_json(http: &reqwest::Client, url: &str, jwt: &str, body: &Value) -> Value {
     let res = http
         .post(url)
@@ -289,34 +297,8 @@ async fn sigterm_finishes_requests_in_flight_on_every_thread_then_exits() {
     let mut server = start(dir.path());
     let jwt = dev_token(dir.path(), "alice", "site_owner");
     let http = client();
-    let (listener, addr) = bind_origin().await;
-    let site: Value = post_json(
-        &http,
-        &format!("{}/api/sites", server.base),
-        &jwt,
-        &json!({"name": "Slow", "origin_url": format!("http://{addr}")}),
-    )
-    .await;
+    let (site, token, _origin) = provision(&http, &server.base, &jwt).await;
     let site_id = site["site_id"].as_str().unwrap().to_owned();
-    serve_origin(
-        listener,
-        payfence_signing::Verifier::new(site["signing_secret"].as_str().unwrap()),
-    );
-    let plan: Value = post_json(
-        &http,
-        &format!("{}/api/sites/{site_id}/plans", server.base),
-        &jwt,
-        &json!({"name": "pro", "requests_per_minute": 600, "monthly_quota": 50}),
-    )
-    .await;
-    let tok: Value = post_json(
-        &http,
-        &format!("{}/api/sites/{site_id}/tokens", server.base),
-        &jwt,
-        &json!({"plan_id": plan["plan_id"]}),
-    )
-    .await;
-    let token = tok["token"].as_str().unwrap().to_owned();
 
     // Eight connections (a client each), so every server thread holds some; each
     // request takes the origin 3 s.
