@@ -73,7 +73,7 @@ request = function()
   end
   return wrk.format("GET", "/p/$SITE/v1/flights?from=OSL", {["Authorization"] = "Bearer " .. t})
 end
-if os.getenv("PAUSE") then delay = function() return math.random(0, 2 * $PAUSE_MS) end end
+if os.getenv("PAUSE") then dofile("$WORK/pause.lua") end
 LUA
 echo "delay = function() return math.random(0, 2 * $PAUSE_MS) end" > "$WORK/pause.lua"
 

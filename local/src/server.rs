@@ -48,7 +48,7 @@ pub async fn run(
     let (stop, stopped) = watch::channel(false);
     let mut queues = Vec::new();
     let mut handles = Vec::new();
-    for i in 1..threads.max(1) {
+    for i in 1..threads {
         let (tx, rx) = mpsc::unbounded_channel();
         queues.push(tx);
         let (local, stopped) = (local.clone(), stopped.clone());

@@ -38,10 +38,10 @@ const CHECKPOINT_AT: u64 = 8 << 20;
 const MAX_GROUP: usize = 4 << 20;
 /// Largest entry accepted.
 const MAX_ENTRY: usize = 1 << 20;
-/// Writes (each ends with an `fdatasync`) start at most this often; entries that
-/// arrive meanwhile share the next one. Fewer, larger syncs cost far less CPU (each
-/// costs the log thread ~65 µs of it on the development VM), and the proxy hides the
-/// wait behind the origin's answer.
+/// The longest a write (each ends with an `fdatasync`) waits after the previous one
+/// started; entries that arrive meanwhile share it. Fewer, larger syncs cost far less
+/// CPU (each costs the log thread ~65 µs of it on the development VM), and the proxy
+/// hides the wait behind the origin's answer.
 const MAX_SYNC_INTERVAL: Duration = Duration::from_micros(500);
 /// How long the log lets entries gather after a write, per entry that write carried,
 /// up to [`MAX_SYNC_INTERVAL`]: under light load groups are small and entries are
