@@ -8,6 +8,9 @@
 # PAUSED=1 adds runs at a fixed, moderate load: PAUSED_CONNS=64 connections, each pausing
 # 0 to 2 x PAUSE_MS=10 ms (uniformly) between requests, so arrivals are spread rather than
 # in waves (latency added by the proxy without saturating the machine).
+# ROUNDS=3: each set of runs (authorize, proxy, direct, nginx) is repeated, interleaved, and
+# the targets are judged on the median over rounds of each round's figures (one run on a
+# shared VM is good to about +-20 %); every round's rows are printed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/payfence-target}"
@@ -16,6 +19,7 @@ PROFILE="${PROFILE:-release}"
 CONNS="${CONNS:-32 64}"
 ONLY="${ONLY:-authorize proxy direct nginx}"
 UPLOAD="${UPLOAD:-1}"
+ROUNDS="${ROUNDS:-3}"
 PAUSED="${PAUSED:-1}"; PAUSED_CONNS="${PAUSED_CONNS:-64}"; PAUSE_MS="${PAUSE_MS:-10}"
 if [ -z "${BIN:-}" ]; then
   cargo build --profile "$PROFILE" -q -p payfence-local
@@ -80,7 +84,8 @@ echo "delay = function() return math.random(0, 2 * $PAUSE_MS) end" > "$WORK/paus
 # CPU time (user + system) of the payfence-local process, in clock ticks.
 ticks() { awk '{print $14 + $15}' /proc/$PF_PID/stat; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
-run() { # name url conns [script]
+run() { # key name url conns [script]
+  local key=$1; shift
   local out t0 cpu=-
   t0=$(ticks)
   local script=()
@@ -95,25 +100,74 @@ run() { # name url conns [script]
   if [ -n "${4:-}" ]; then
     cpu=$(echo "$out" | awk -v t="$(( $(ticks) - t0 ))" -v us="$TICK_US" '/^ +[0-9]+ requests in/ {printf "%.1f", t * us / $1}')
   fi
-  printf '| %-22s | %3s | %10s | %8s | %8s | %s | %s |\n' "$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
+  printf '| %-22s | %3s | %10s | %8s | %8s | %s | %s |\n' "${PAUSE:+paused }$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
+  echo "${PAUSE:+paused-}$key $3 $ROUND $rps $(ms "$p50") $(ms "$p99") ${non2xx:-0} $cpu" >> "$WORK/rows"
 }
-echo "| target | conns | req/s | p50 | p99 | non-2xx | PayFence CPU µs/req |"
-echo "|---|---|---|---|---|---|---|"
+ms() { echo "$1" | awk '/us$/ {print $1 / 1000; next} /ms$/ {print $1 + 0; next} /s$/ {print $1 * 1000}'; }
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 runs() { # conns
-  if want authorize; then run "authorize (middleware)" "http://$PF" "$1" authorize; fi
-  if want proxy; then run "proxy (PayFence)" "http://$PF" "$1" proxy; fi
-  if want direct; then run "origin directly" "http://$ORIGIN/v1/flights?from=OSL" "$1"; fi
-  if want nginx; then run "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" "$1"; fi
+  if want authorize; then run authorize "authorize (middleware)" "http://$PF" "$1" authorize; fi
+  if want proxy; then run proxy "proxy (PayFence)" "http://$PF" "$1" proxy; fi
+  if want direct; then run direct "origin directly" "http://$ORIGIN/v1/flights?from=OSL" "$1"; fi
+  if want nginx; then run nginx "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" "$1"; fi
 }
-for c in $CONNS; do runs "$c"; done
-if [ "$PAUSED" = 1 ]; then
-  echo
-  echo "At a fixed load: $PAUSED_CONNS connections, each pausing 0 to $((2 * PAUSE_MS)) ms (uniform) between requests"
+for ROUND in $(seq "$ROUNDS"); do
+  echo "Round $ROUND of $ROUNDS (\"paused\": at the fixed load)"
   echo
   echo "| target | conns | req/s | p50 | p99 | non-2xx | PayFence CPU µs/req |"
   echo "|---|---|---|---|---|---|---|"
-  PAUSE=1 runs "$PAUSED_CONNS"
+  for c in $CONNS; do runs "$c"; done
+  if [ "$PAUSED" = 1 ]; then PAUSE=1 runs "$PAUSED_CONNS"; fi
+  echo
+done
+
+# Medians over rounds, and the targets judged on them. A ratio or difference is taken
+# within each round (runs minutes apart see the same machine) and its median reported.
+# median of a list of space-separated numbers
+MEDIAN='function median(list,   a, n, i, j, t) {
+  n = split(list, a, " ")
+  for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+  return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}'
+echo "Medians of $ROUNDS rounds:"
+echo
+echo "| target | conns | req/s | p50 ms | p99 ms | non-2xx | PayFence CPU µs/req |"
+echo "|---|---|---|---|---|---|---|"
+awk "$MEDIAN"'
+  { k = $1 " " $2; if (!(k in seen)) { seen[k] = 1; order[++n] = k }
+    rps[k] = rps[k] " " $4; p50[k] = p50[k] " " $5; p99[k] = p99[k] " " $6; bad[k] += $7
+    if ($8 != "-") cpu[k] = cpu[k] " " $8 }
+  END { for (i = 1; i <= n; i++) { k = order[i]; split(k, f, " ")
+      printf "| %-16s | %3s | %8.0f | %6.2f | %6.2f | %s | %s |\n", f[1], f[2], median(rps[k]), median(p50[k]), median(p99[k]), bad[k], (k in cpu) ? sprintf("%.1f", median(cpu[k])) : "-" } }
+' "$WORK/rows"
+echo
+echo "| target | conns | median over rounds | rounds met | verdict |"
+echo "|---|---|---|---|---|"
+awk -v rounds="$ROUNDS" -v conns_list="$CONNS" "$MEDIAN"'
+  function verdict(ok) { return ok ? "met" : "NOT met" }
+  { k = $1 " " $2 " " $3; rps[k] = $4; p99[k] = $6 }
+  END {
+    nc = split(conns_list, cl, " ")
+    for (ci = 1; ci <= nc; ci++) {
+      c = cl[ci]; a = ""; ar = ""; r = ""; d = ""; am = 0; rm = 0; dm = 0
+      for (i = 1; i <= rounds; i++) {
+        if (("authorize " c " " i) in rps) { x = rps["authorize " c " " i]; y = p99["authorize " c " " i]
+          a = a " " y; am += (x >= 20000 && y <= 5); ar = ar " " x }
+        if (("proxy " c " " i) in rps && ("nginx " c " " i) in rps) {
+          x = rps["proxy " c " " i] / rps["nginx " c " " i]; r = r " " x; rm += (x >= 0.5) }
+        if (("proxy " c " " i) in rps && ("direct " c " " i) in rps) {
+          x = p99["proxy " c " " i] - p99["direct " c " " i]; d = d " " x; dm += (x <= 1) }
+      }
+      if (a != "") printf "| authorize >= 20,000 req/s, p99 <= 5 ms | %s | %.0f req/s, p99 %.2f ms | %d of %d | %s |\n", c, median(ar), median(a), am, rounds, verdict(median(ar) >= 20000 && median(a) <= 5)
+      if (r != "") printf "| proxy >= 0.5x nginx req/s | %s | %.2fx | %d of %d | %s |\n", c, median(r), rm, rounds, verdict(median(r) >= 0.5)
+      if (d != "") printf "| proxy adds <= 1 ms p99 over direct | %s | %+.2f ms | %d of %d | %s |\n", c, median(d), dm, rounds, verdict(median(d) <= 1)
+    }
+  }
+' <(grep -v '^paused-' "$WORK/rows")
+if [ "$PAUSED" = 1 ]; then
+  awk -v rounds="$ROUNDS" '$1 == "paused-proxy" {p[$3] = $6} $1 == "paused-direct" {d[$3] = $6}
+    END { for (i = 1; i <= rounds; i++) if ((i in p) && (i in d)) l = l sprintf(" %+.2f", p[i] - d[i])
+      if (l != "") print "\nAt the fixed load, p99 added by the proxy in each round (ms):" l }' "$WORK/rows"
 fi
 [ "$UPLOAD" = 1 ] || exit 0
 
