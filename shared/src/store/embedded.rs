@@ -70,6 +70,11 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The database's page cache. Decisions are made from memory (the hot state), so the
+/// cache serves checkpoints and dashboard queries; redb's default, 1 GiB, let a
+/// long-running local server's resident memory grow towards that.
+const CACHE_BYTES: usize = 64 << 20;
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("domain records serialise")
 }
@@ -255,7 +260,10 @@ impl EmbeddedStore {
     /// Open (or create) the database file at `path`, and its write-ahead log beside
     /// it (`.wal0`, `.wal1`); entries not yet in the database are replayed.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         for def in ALL {
             txn.open_table(def).map_err(unavailable)?;
