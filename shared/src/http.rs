@@ -255,7 +255,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         }
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID_HEADER, v);
+        headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
     tracing::info!(
         target: "payfence::request",
@@ -298,11 +298,18 @@ pub const EDGE_HEADER: &str = "x-payfence-edge";
 /// Header CloudFront's viewer-request function sets with the viewer's address.
 pub const CLIENT_IP_HEADER: &str = "x-payfence-client-ip";
 
-fn put(h: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
+fn put(h: &mut HeaderMap, name: HeaderName, value: String) {
+    // Takes the string's buffer: no copy.
+    if let Ok(v) = HeaderValue::try_from(value) {
         h.insert(name, v);
     }
 }
+
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 fn now_s() -> u64 {
     crate::domain::now_ms() / 1000
@@ -312,22 +319,18 @@ fn now_s() -> u64 {
 /// for a decision whose token was resolved; nothing otherwise.
 pub fn decision_headers(h: &mut HeaderMap, d: &Decision) {
     if let Some(retry) = d.retry_after {
-        put(h, "retry-after", retry.to_string());
+        h.insert(RETRY_AFTER, retry.into());
     }
     let Some(limits) = d.limits else {
         return;
     };
     let now = now_s();
+    h.insert(X_RATELIMIT_LIMIT, limits.requests_per_minute.into());
+    h.insert(X_RATELIMIT_REMAINING, d.remaining_minute.into());
+    h.insert(X_RATELIMIT_RESET, d.reset_minute.into());
     put(
         h,
-        "x-ratelimit-limit",
-        limits.requests_per_minute.to_string(),
-    );
-    put(h, "x-ratelimit-remaining", d.remaining_minute.to_string());
-    put(h, "x-ratelimit-reset", d.reset_minute.to_string());
-    put(
-        h,
-        "ratelimit-policy",
+        RATELIMIT_POLICY,
         format!(
             "\"minute\";q={};w=60, \"month\";q={};w={}",
             limits.requests_per_minute,
@@ -337,7 +340,7 @@ pub fn decision_headers(h: &mut HeaderMap, d: &Decision) {
     );
     put(
         h,
-        "ratelimit",
+        RATELIMIT,
         format!(
             "\"minute\";r={};t={}, \"month\";r={};t={}",
             d.remaining_minute,
@@ -350,13 +353,13 @@ pub fn decision_headers(h: &mut HeaderMap, d: &Decision) {
 
 /// Simple headers for the gateway's own per-caller limits (dashboard).
 pub fn simple_rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset_unix: u64) {
-    put(h, "x-ratelimit-limit", limit.to_string());
-    put(h, "x-ratelimit-remaining", remaining.to_string());
-    put(h, "x-ratelimit-reset", reset_unix.to_string());
-    put(h, "ratelimit-policy", format!("\"second\";q={limit};w=1"));
+    h.insert(X_RATELIMIT_LIMIT, limit.into());
+    h.insert(X_RATELIMIT_REMAINING, remaining.into());
+    h.insert(X_RATELIMIT_RESET, reset_unix.into());
+    put(h, RATELIMIT_POLICY, format!("\"second\";q={limit};w=1"));
     put(
         h,
-        "ratelimit",
+        RATELIMIT,
         format!(
             "\"second\";r={remaining};t={}",
             reset_unix.saturating_sub(now_s())

@@ -22,10 +22,12 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 fn id(prefix: &str) -> String {
-    format!(
-        "{prefix}{}",
-        hex::encode(rand::thread_rng().gen::<[u8; 8]>())
-    )
+    let mut hex = [0; 16];
+    hex::encode_to_slice(rand::thread_rng().gen::<[u8; 8]>(), &mut hex).expect("16 for 8 bytes");
+    let mut id = String::with_capacity(prefix.len() + hex.len());
+    id.push_str(prefix);
+    id.push_str(std::str::from_utf8(&hex).expect("hex is ASCII"));
+    id
 }
 
 /// A random (version 4) UUID, for request ids.

@@ -25,6 +25,13 @@ use serde_json::json;
 /// Header a consumer may use for its token, so its own `Authorization` reaches the origin.
 pub const TOKEN_HEADER: &str = "x-payfence-token";
 
+// What the origin receives besides the request.
+const TIMESTAMP: HeaderName = HeaderName::from_static(payfence_signing::TIMESTAMP_HEADER);
+const SIGNATURE: HeaderName = HeaderName::from_static(payfence_signing::SIGNATURE_HEADER);
+const TOKEN_ID: HeaderName = HeaderName::from_static("x-payfence-token-id");
+const PLAN: HeaderName = HeaderName::from_static("x-payfence-plan");
+const REQUEST_ID: HeaderName = HeaderName::from_static(payfence_core::http::REQUEST_ID_HEADER);
+
 struct ProxyState {
     app: AppState,
     client: OriginClient,
@@ -62,8 +69,16 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
 /// Remove hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none (`Connection` is one): look before changing anything.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -82,8 +97,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Is any segment `.` or `..`, also percent-encoded?
 fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|seg| {
-        let s = seg.to_ascii_lowercase().replace("%2e", ".");
-        s == "." || s == ".."
+        let (mut rest, mut dots) = (seg.as_bytes(), 0);
+        while !rest.is_empty() {
+            match rest {
+                [b'.', tail @ ..] => rest = tail,
+                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => rest = tail,
+                _ => return false,
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
     })
 }
 
@@ -237,28 +260,17 @@ async fn handle(
         &path_and_query,
         now_s,
     );
-    let add = |h: &mut HeaderMap, name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
+    // Static names and owned values: no copies of either.
+    let mut add = |name: HeaderName, value: String| {
+        if let Ok(v) = HeaderValue::try_from(value) {
+            headers.insert(name, v);
         }
     };
-    add(
-        headers,
-        payfence_signing::TIMESTAMP_HEADER,
-        &now_s.to_string(),
-    );
-    add(headers, payfence_signing::SIGNATURE_HEADER, &signature);
-    add(
-        headers,
-        "x-payfence-token-id",
-        decision.token_id.as_deref().unwrap_or_default(),
-    );
-    add(
-        headers,
-        "x-payfence-plan",
-        decision.plan.as_deref().unwrap_or_default(),
-    );
-    add(headers, "x-payfence-request-id", &request_id);
+    add(TIMESTAMP, now_s.to_string());
+    add(SIGNATURE, signature);
+    add(TOKEN_ID, decision.token_id.clone().unwrap_or_default());
+    add(PLAN, decision.plan.clone().unwrap_or_default());
+    add(REQUEST_ID, request_id);
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     parts.extensions = Default::default();
@@ -300,10 +312,28 @@ mod tests {
 
     #[test]
     fn dot_segments() {
-        for bad in ["/..", "/a/../b", "/%2e%2e/x", "/%2E./x", "/./a", "/a/%2e"] {
+        for bad in [
+            "/..",
+            "/a/../b",
+            "/%2e%2e/x",
+            "/%2E./x",
+            "/./a",
+            "/a/%2e",
+            "/a/.%2E/",
+        ] {
             assert!(has_dot_segment(bad), "{bad}");
         }
-        for ok in ["/", "/a/b", "/a..b", "/...", "/v1/file.txt"] {
+        for ok in [
+            "/",
+            "/a/b",
+            "/a..b",
+            "/...",
+            "/v1/file.txt",
+            "/%2e%2e%2e",
+            "/%2",
+            "/.%2",
+            "/%2f",
+        ] {
             assert!(!has_dot_segment(ok), "{ok}");
         }
     }

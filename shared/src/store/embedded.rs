@@ -710,6 +710,10 @@ fn checkpoint_job(c: Checkpoint) -> Job {
 impl EmbeddedStore {
     /// Bring a token's and a site's counters into memory (the caller holds `hot`).
     fn load(&self, hot: &mut Hot, site_id: &str, token_id: &str) -> Result<()> {
+        if hot.tokens.contains_key(token_id) && hot.sites.contains_key(site_id) {
+            // The usual case: no read transaction.
+            return Ok(());
+        }
         self.read(|txn| {
             if !hot.tokens.contains_key(token_id) {
                 let tokens = txn.open_table(TOKENS).map_err(unavailable)?;
@@ -761,8 +765,8 @@ impl UsageStore for EmbeddedStore {
                 if eval.verdict == Verdict::Allow {
                     token.usage = eval.usage;
                     *site = eval.site;
-                    puts.put(L_USAGE, &req.token_id, &encode(&eval.usage));
-                    puts.put(L_SITE_USAGE, &req.site_id, &encode(&eval.site));
+                    puts.put_json(L_USAGE, &req.token_id, &eval.usage);
+                    puts.put_json(L_SITE_USAGE, &req.site_id, &eval.site);
                     for kind in &eval.events {
                         let key = format!(
                             "{}/{}/{}/{}",
@@ -771,13 +775,13 @@ impl UsageStore for EmbeddedStore {
                             eval.usage.quota.period,
                             kind.as_str()
                         );
-                        puts.put_if_absent(L_EVENTS, &key, &encode(&req.quota_event(&eval, *kind)));
+                        puts.put_json_if_absent(L_EVENTS, &key, &req.quota_event(&eval, *kind));
                     }
                 }
                 Counted::Evaluated(eval)
             };
             req.record_outcome(&counted);
-            puts.put(L_AUDIT, &audit_key(&req.audit), &encode(&req.audit));
+            puts.put_json(L_AUDIT, &audit_key(&req.audit), &req.audit);
             *seq += 1;
             token.seq = *seq;
             // Appended under the lock: the log's order is the decisions' order.

@@ -53,14 +53,31 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 const HEADER: usize = 16;
 
 /// One entry's puts, encoded.
-#[derive(Default)]
 pub(super) struct Puts(Vec<u8>);
 
+impl Default for Puts {
+    /// Room for a decision's usual puts (usage, site window, audit record) at once.
+    fn default() -> Self {
+        Self(Vec::with_capacity(1024))
+    }
+}
+
 impl Puts {
+    /// Put `value`, as JSON, serialised straight into the entry.
+    pub fn put_json(&mut self, table: u8, key: &str, value: &impl serde::Serialize) {
+        self.push_json(table, false, key, value);
+    }
+
+    pub fn put_json_if_absent(&mut self, table: u8, key: &str, value: &impl serde::Serialize) {
+        self.push_json(table, true, key, value);
+    }
+
+    #[cfg(test)]
     pub fn put(&mut self, table: u8, key: &str, value: &[u8]) {
         self.push(table, false, key, value);
     }
 
+    #[cfg(test)]
     pub fn put_if_absent(&mut self, table: u8, key: &str, value: &[u8]) {
         self.push(table, true, key, value);
     }
@@ -70,14 +87,29 @@ impl Puts {
         &self.0
     }
 
-    fn push(&mut self, table: u8, if_absent: bool, key: &str, value: &[u8]) {
+    fn push_key(&mut self, table: u8, if_absent: bool, key: &str) {
         let b = &mut self.0;
         b.push(table);
         b.push(if_absent as u8);
         b.extend_from_slice(&(key.len() as u16).to_le_bytes());
         b.extend_from_slice(key.as_bytes());
-        b.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        b.extend_from_slice(value);
+    }
+
+    #[cfg(test)]
+    fn push(&mut self, table: u8, if_absent: bool, key: &str, value: &[u8]) {
+        self.push_key(table, if_absent, key);
+        self.0
+            .extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(value);
+    }
+
+    fn push_json(&mut self, table: u8, if_absent: bool, key: &str, value: &impl serde::Serialize) {
+        self.push_key(table, if_absent, key);
+        let at = self.0.len();
+        self.0.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut self.0, value).expect("domain records serialise");
+        let len = (self.0.len() - at - 4) as u32;
+        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
 }
 
