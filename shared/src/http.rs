@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::gateway::{Decision, GatewayError};
 use crate::store::StoreError;
 
-pub const REQUEST_ID_HEADER: &str = "x-payfence-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-payfence-request-id");
 /// Requests with more header bytes than this are refused with 431.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
@@ -255,7 +255,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         }
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+        headers.insert(REQUEST_ID_HEADER, v);
     }
     tracing::info!(
         target: "payfence::request",

@@ -126,18 +126,10 @@ impl Visit for JsonFields<'_, '_> {
         self.put(field, |w| json_str(w, value));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put(field, |w| {
-            w.write_char('"')?;
-            write!(Escaped(w), "{value:?}")?;
-            w.write_char('"')
-        });
+        self.put(field, |w| json_fmt(w, format_args!("{value:?}")));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.put(field, |w| {
-            w.write_char('"')?;
-            write!(Escaped(w), "{value}")?;
-            w.write_char('"')
-        });
+        self.put(field, |w| json_fmt(w, format_args!("{value}")));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.put(field, |w| write!(w, "{value}"));
@@ -163,6 +155,13 @@ fn json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
     w.write_char('"')
 }
 
+/// `value` formatted as a JSON string.
+fn json_fmt(w: &mut impl fmt::Write, value: fmt::Arguments<'_>) -> fmt::Result {
+    w.write_char('"')?;
+    Escaped(w).write_fmt(value)?;
+    w.write_char('"')
+}
+
 /// Escapes what it is given for the inside of a JSON string.
 struct Escaped<'a, W: fmt::Write>(&'a mut W);
 
@@ -170,19 +169,19 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut plain = 0;
         for (i, b) in s.bytes().enumerate() {
-            let escape = match b {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0..=0x1f => "",
+            let short = match b {
+                b'"' => Some("\\\""),
+                b'\\' => Some("\\\\"),
+                b'\n' => Some("\\n"),
+                b'\r' => Some("\\r"),
+                b'\t' => Some("\\t"),
+                0..=0x1f => None,
                 _ => continue,
             };
             self.0.write_str(&s[plain..i])?;
-            match escape {
-                "" => write!(self.0, "\\u{b:04x}")?,
-                e => self.0.write_str(e)?,
+            match short {
+                Some(e) => self.0.write_str(e)?,
+                None => write!(self.0, "\\u{b:04x}")?,
             }
             plain = i + 1;
         }

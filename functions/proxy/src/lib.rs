@@ -17,6 +17,7 @@ use payfence_core::domain::{now_ms, Mode};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, client_ip, decision_headers, problem, request_context, ApiError, LogFields, RequestId,
+    REQUEST_ID_HEADER,
 };
 use payfence_core::origin::{origin_client, OriginClient};
 use payfence_core::{ids, AppState};
@@ -30,7 +31,6 @@ const TIMESTAMP: HeaderName = HeaderName::from_static(payfence_signing::TIMESTAM
 const SIGNATURE: HeaderName = HeaderName::from_static(payfence_signing::SIGNATURE_HEADER);
 const TOKEN_ID: HeaderName = HeaderName::from_static("x-payfence-token-id");
 const PLAN: HeaderName = HeaderName::from_static("x-payfence-plan");
-const REQUEST_ID: HeaderName = HeaderName::from_static(payfence_core::http::REQUEST_ID_HEADER);
 
 struct ProxyState {
     app: AppState,
@@ -270,7 +270,7 @@ async fn handle(
     add(SIGNATURE, signature);
     add(TOKEN_ID, decision.token_id.clone().unwrap_or_default());
     add(PLAN, decision.plan.clone().unwrap_or_default());
-    add(REQUEST_ID, request_id);
+    add(REQUEST_ID_HEADER, request_id);
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     parts.extensions = Default::default();
