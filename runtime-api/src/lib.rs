@@ -1,7 +1,8 @@
 //! A minimal Lambda Runtime API (the `2018-06-01` interface a function binary
 //! polls): it hands out queued events, records the function's responses (buffered
-//! or streamed) and errors, and notes when the function first asked for an event
-//! (its init time).
+//! or streamed) and errors, notes when the function first asked for an event (its
+//! init time), and can stop the function while it waits for an event, as Lambda
+//! freezes an idle execution environment.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -62,6 +63,11 @@ struct Inner {
     answers: Vec<Answer>,
     first_next: Option<Instant>,
     init_error: Option<String>,
+    /// Stop the function (`SIGSTOP`) when it asks for an event and none is queued,
+    /// as Lambda freezes an idle environment.
+    freeze_when_idle: bool,
+    pid: Option<u32>,
+    frozen: bool,
 }
 
 #[derive(Clone)]
@@ -78,6 +84,13 @@ async fn next(State(inner): State<Arc<Mutex<Inner>>>) -> Response {
     };
     let Some(event) = event else {
         // No more events: keep the function waiting, as Lambda does.
+        {
+            let mut i = inner.lock().unwrap();
+            if let (true, Some(pid)) = (i.freeze_when_idle, i.pid) {
+                // SAFETY: kill has no memory-safety preconditions.
+                i.frozen = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) } == 0;
+            }
+        }
         std::future::pending::<()>().await;
         unreachable!()
     };
@@ -149,10 +162,21 @@ impl Emulator {
         Self { addr, inner }
     }
 
+    /// From now on, stop the function whenever it asks for an event and none is
+    /// queued, as Lambda freezes an idle environment (see [`Self::frozen`]).
+    pub fn freeze_when_idle(&self) {
+        self.inner.lock().unwrap().freeze_when_idle = true;
+    }
+
+    /// Whether the function has been frozen.
+    pub fn frozen(&self) -> bool {
+        self.inner.lock().unwrap().frozen
+    }
+
     /// Start a function binary against this Runtime API, with extra environment.
     pub fn spawn(&self, binary: &Path, env: &[(&str, &str)]) -> Child {
         let name = binary.file_name().unwrap().to_string_lossy().into_owned();
-        Command::new(binary)
+        let child = Command::new(binary)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AWS_LAMBDA_RUNTIME_API", self.addr.to_string())
@@ -170,7 +194,9 @@ impl Emulator {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
+            .unwrap();
+        self.inner.lock().unwrap().pid = Some(child.id());
+        child
     }
 
     /// Start `binary`, wait (up to 30 s) for `n` answers, stop it, and return them.

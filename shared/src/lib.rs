@@ -8,6 +8,7 @@ pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod ids;
+pub mod lambda;
 pub mod limits;
 pub mod origin;
 pub mod seal;

@@ -4,5 +4,6 @@
 async fn main() -> Result<(), lambda_http::Error> {
     payfence_core::telemetry::init();
     let state = payfence_core::AppState::from_env(false).await?;
-    lambda_http::run(payfence_health::router(state)).await
+    let store = state.gateway.store().clone();
+    payfence_core::lambda::run(store, payfence_health::router(state)).await
 }

@@ -4,5 +4,6 @@
 async fn main() -> Result<(), lambda_http::Error> {
     payfence_core::telemetry::init();
     let state = payfence_core::AppState::from_env(false).await?;
-    lambda_http::run_with_streaming_response(payfence_proxy::router(state)).await
+    let store = state.gateway.store().clone();
+    payfence_core::lambda::run_streaming(store, payfence_proxy::router(state)).await
 }

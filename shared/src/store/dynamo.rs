@@ -1226,4 +1226,8 @@ impl Store for DynamoStore {
             .map_err(sdk)?;
         Ok(())
     }
+
+    async fn settle(&self) {
+        self.pending.wait().await;
+    }
 }

@@ -195,4 +195,10 @@ pub trait Store:
 {
     /// A cheap real round trip to the store, for health checks.
     async fn ping(&self) -> Result<()>;
+
+    /// Wait (boundedly) until the writes this process made off the request path
+    /// (audit records) are stored. A Lambda function calls it after each answer,
+    /// before asking for the next event: Lambda freezes the environment between
+    /// events and may end it without warning.
+    async fn settle(&self) {}
 }
