@@ -11,12 +11,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use lambda_http::lambda_runtime::{self, LambdaInvocation, Runtime};
 use lambda_http::tower::{Layer, Service};
 
+use crate::domain::now_ms;
 use crate::store::Store;
 
 /// Serve `router` with buffered responses.
@@ -89,8 +90,5 @@ where
 /// Time until `deadline_ms` (Unix milliseconds), less a margin for asking for the
 /// next event.
 fn time_left(deadline_ms: u64) -> Duration {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Duration::from_millis(deadline_ms.saturating_sub(now_ms).saturating_sub(100))
+    Duration::from_millis(deadline_ms.saturating_sub(now_ms()).saturating_sub(100))
 }
