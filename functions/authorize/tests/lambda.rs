@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use payfence_runtime_api::{url_event, Emulator};
 
+/// The sealing key, base64 for `PAYFENCE_SEALING_KEY`, and its bytes.
 const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const KEY_BYTES: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 
 #[tokio::test]
 async fn answers_authorize_events() {
@@ -66,7 +68,7 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
     store.ensure_table().await.unwrap();
 
     // A site, plan, key and token, as the dashboard would create them.
-    let sealing = SealingKey::from_bytes(&[7; 32]);
+    let sealing = SealingKey::from_bytes(KEY_BYTES);
     let now = now_ms() / 1000;
     let site_id = ids::site_id();
     let site = Site {
@@ -136,11 +138,10 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
     )])
     .await;
     emulator.freeze_when_idle();
-    let sealing_key = base64_of(&[7; 32]);
     let mut child = emulator.spawn(
         Path::new(env!("CARGO_BIN_EXE_authorize")),
         &[
-            ("PAYFENCE_SEALING_KEY", &sealing_key),
+            ("PAYFENCE_SEALING_KEY", KEY),
             ("PAYFENCE_TABLE", &table),
             ("AWS_ENDPOINT_URL", &endpoint),
             ("AWS_ACCESS_KEY_ID", "testing"),
@@ -175,9 +176,4 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
     );
     assert_eq!(page.items[0].token_id.as_deref(), Some(token_id.as_str()));
     assert_eq!(page.items[0].decision, DecisionKind::Allow);
-}
-
-fn base64_of(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
