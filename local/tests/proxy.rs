@@ -341,3 +341,64 @@ async fn one_audit_record_per_decision() {
     }
     assert!(!logs.to_string().contains(&s.token));
 }
+
+#[tokio::test]
+async fn an_http_1_0_origin_keeps_the_clients_connection_alive() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let app = spawn_app().await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    // An origin speaking HTTP/1.0 (as `python3 -m http.server` does): one answer per
+    // connection, then close.
+    let (listener, addr) = bind_origin().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                let mut line = String::new();
+                while stream.read_line(&mut line).await.unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                let _ = stream
+                    .get_mut()
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+    let site = app.create_site(&owner, &format!("http://{addr}")).await;
+    let site_id = site["site_id"].as_str().unwrap();
+    let plan = app.create_plan(&owner, site_id, 60, 10).await;
+    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+
+    // Two requests on one client connection: both answered in HTTP/1.1.
+    let conn = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let mut conn = BufReader::new(conn);
+    for i in 0..2 {
+        let req = format!(
+            "GET /p/{site_id}/v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        conn.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "request {i}: the connection was closed");
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_ascii_lowercase());
+        }
+        assert_eq!(head[0], "http/1.1 200 ok", "request {i}: {head:?}");
+        assert!(head.contains(&"content-length: 5".to_string()), "{head:?}");
+        assert!(!head.iter().any(|h| h == "connection: close"), "{head:?}");
+        let mut body = [0; 5];
+        conn.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body, b"hello");
+    }
+}

@@ -236,6 +236,7 @@ async fn handle(
         .unwrap_or_default();
     let (mut parts, body) = req.into_parts();
     let method = parts.method.clone();
+    let client_version = parts.version;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     headers.remove(HOST);
@@ -300,6 +301,9 @@ async fn handle(
         }
         Ok(Ok(res)) => res.map(Body::new),
     };
+    // The version is per hop: an HTTP/1.0 origin must not turn the client's
+    // keep-alive HTTP/1.1 connection into one that closes after each answer.
+    *res.version_mut() = client_version;
     strip_hop_by_hop(res.headers_mut());
     decision_headers(res.headers_mut(), &decision);
     log.relayed = true;
