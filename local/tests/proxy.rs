@@ -402,3 +402,36 @@ async fn an_http_1_0_origin_keeps_the_clients_connection_alive() {
         assert_eq!(&body, b"hello");
     }
 }
+
+#[tokio::test]
+async fn redirects_into_the_origin_point_back_through_the_proxy() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let origin = s.origin.url();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (to, expected) in [
+        (
+            format!("{origin}/v1/next?page=2"),
+            format!("/p/{}/v1/next?page=2", s.site_id),
+        ),
+        ("/v1/login".to_owned(), format!("/p/{}/v1/login", s.site_id)),
+        (
+            "https://elsewhere.example/x".to_owned(),
+            "https://elsewhere.example/x".to_owned(),
+        ),
+    ] {
+        let res = http
+            .get(app.url(&format!("/p/{}/v1/start", s.site_id)))
+            .bearer_auth(&s.token)
+            .header("x-redirect-to", &to)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 302);
+        assert_eq!(header(&res, "location"), Some(expected.as_str()), "{to}");
+        assert_rate_headers(&res);
+    }
+}

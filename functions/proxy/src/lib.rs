@@ -11,7 +11,7 @@ use axum::middleware::from_fn;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, LOCATION};
 use http::{HeaderMap, Uri};
 use payfence_core::domain::{now_ms, Mode};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
@@ -305,14 +305,75 @@ async fn handle(
     // keep-alive HTTP/1.1 connection into one that closes after each answer.
     *res.version_mut() = client_version;
     strip_hop_by_hop(res.headers_mut());
+    if let Some(public) = res
+        .headers()
+        .get(LOCATION)
+        .and_then(|l| public_location(l.to_str().ok()?, &origin, site_id))
+    {
+        res.headers_mut().insert(LOCATION, public);
+    }
     decision_headers(res.headers_mut(), &decision);
     log.relayed = true;
     Ok(res)
 }
 
+/// A redirect into the origin (absolute, or a path on it) pointed at the same place
+/// behind the proxy instead, so that following it goes through PayFence and the
+/// origin's address is not revealed. Other locations are left as they are.
+fn public_location(location: &str, origin: &Uri, site_id: &str) -> Option<HeaderValue> {
+    let target: Uri = location.parse().ok()?;
+    let same_origin = match (target.scheme_str(), target.authority()) {
+        (None, None) => location.starts_with('/'),
+        (Some(scheme), Some(authority)) => {
+            scheme.eq_ignore_ascii_case(origin.scheme_str()?)
+                && authority
+                    .as_str()
+                    .eq_ignore_ascii_case(origin.authority()?.as_str())
+        }
+        _ => false,
+    };
+    if !same_origin {
+        return None;
+    }
+    let path_and_query = target.path_and_query().map_or("/", |p| p.as_str());
+    let rest = path_and_query.strip_prefix(origin.path().trim_end_matches('/'))?;
+    let rest = match rest.as_bytes().first() {
+        None => "/",
+        Some(b'/') => rest,
+        Some(b'?') => return HeaderValue::try_from(format!("/p/{site_id}/{rest}")).ok(),
+        Some(_) => return None,
+    };
+    HeaderValue::try_from(format!("/p/{site_id}{rest}")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirects_into_the_origin_stay_behind_the_proxy() {
+        let origin: Uri = "https://api.example.com/base".parse().unwrap();
+        let public =
+            |l: &str| public_location(l, &origin, "site_1").map(|v| v.to_str().unwrap().to_owned());
+        for (location, expected) in [
+            (
+                "https://api.example.com/base/v1/x?a=1",
+                Some("/p/site_1/v1/x?a=1"),
+            ),
+            ("HTTPS://API.example.com/base", Some("/p/site_1/")),
+            ("https://api.example.com/base?a", Some("/p/site_1/?a")),
+            ("/base/login", Some("/p/site_1/login")),
+            ("/other", None),
+            ("/basement", None),
+            ("https://api.example.com:8443/base/x", None),
+            ("http://api.example.com/base/x", None),
+            ("https://elsewhere.example/base/x", None),
+            ("//api.example.com/base/x", None),
+            ("next", None),
+        ] {
+            assert_eq!(public(location).as_deref(), expected, "{location}");
+        }
+    }
 
     #[test]
     fn dot_segments() {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::Request;
+use axum::http::{header::LOCATION, StatusCode};
 use axum::response::IntoResponse;
 use axum::Router;
 use futures_util::StreamExt;
@@ -135,7 +136,8 @@ pub async fn bind_origin() -> (TcpListener, SocketAddr) {
 }
 
 /// The test origin: behind `payfence_signing::VerifyLayer`, records what it saw and
-/// answers with `x-respond-with` as body (or "ok"). `/slow` sleeps 3 s first.
+/// answers with `x-respond-with` as body (or "ok"), or with a `302` to
+/// `x-redirect-to`. `/slow` sleeps 3 s first.
 pub fn serve_origin(listener: TcpListener, verifier: payfence_signing::Verifier) -> Origin {
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -163,6 +165,9 @@ pub fn serve_origin(listener: TcpListener, verifier: payfence_signing::Verifier)
                     body_len: len,
                     body_sha256: hex::encode(hasher.finalize()),
                 });
+                if let Some(to) = parts.headers.get("x-redirect-to") {
+                    return (StatusCode::FOUND, [(LOCATION, to.clone())]).into_response();
+                }
                 let reply = parts
                     .headers
                     .get("x-respond-with")
