@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use futures_util::StreamExt;
 use payfence_core::auth::Role;
 use payfence_core::config::Config;
 use serde_json::{json, Value};
@@ -434,4 +435,52 @@ async fn redirects_into_the_origin_point_back_through_the_proxy() {
         assert_eq!(header(&res, "location"), Some(expected.as_str()), "{to}");
         assert_rate_headers(&res);
     }
+}
+
+#[tokio::test]
+async fn streams_the_origins_answer_as_it_comes() {
+    // The origin sends its first chunk, then holds the rest until the test has seen
+    // that chunk arrive through the proxy: a gateway that buffered the answer would
+    // never deliver it.
+    let app = spawn_app().await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let (listener, addr) = bind_origin().await;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(Some(released)));
+    let origin = axum::Router::new().fallback(move || {
+        let released = released.lock().unwrap().take().expect("one request");
+        async move {
+            let rest = async move {
+                let _ = released.await;
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"second"))
+            };
+            let chunks = futures_util::stream::once(async {
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"first,"))
+            })
+            .chain(futures_util::stream::once(rest));
+            axum::body::Body::from_stream(chunks)
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, origin).await.unwrap() });
+    let site = app.create_site(&owner, &format!("http://{addr}")).await;
+    let site_id = site["site_id"].as_str().unwrap();
+    let plan = app.create_plan(&owner, site_id, 60, 10).await;
+    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+
+    let first_chunk = async {
+        let mut res = app.proxy_get(site_id, "/events", &token).await;
+        assert_eq!(res.status(), 200);
+        let first = res.chunk().await.unwrap().unwrap();
+        (res, first)
+    };
+    let (mut res, first) = tokio::time::timeout(Duration::from_secs(10), first_chunk)
+        .await
+        .expect("the first chunk arrives while the origin is still answering");
+    assert_eq!(&first[..], b"first,");
+    release.send(()).unwrap();
+    let mut rest = Vec::new();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"second");
 }
