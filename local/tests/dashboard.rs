@@ -539,3 +539,94 @@ async fn jwks_are_fetched_from_a_url_as_with_cognito() {
     let foreign = other.token("dana", Role::Admin, std::time::Duration::from_secs(60));
     assert!(verifier.verify(&foreign).await.is_err());
 }
+
+#[tokio::test]
+async fn a_dashboard_on_a_configured_origin_may_call_the_api_from_the_browser() {
+    let app = spawn_app_with(Config {
+        dashboard_origins: vec!["https://dash.example.com".into()],
+        ..test_config()
+    })
+    .await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, app.url("/api/sites"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+
+    // The browser's preflight carries no JWT and must still succeed.
+    let res = preflight("https://dash.example.com").await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(
+        header(&res, "access-control-allow-origin"),
+        Some("https://dash.example.com")
+    );
+    let methods = header(&res, "access-control-allow-methods")
+        .unwrap()
+        .to_owned();
+    assert!(
+        methods.contains("POST") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let headers = header(&res, "access-control-allow-headers")
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(headers.contains("authorization") && headers.contains("content-type"));
+
+    // The call itself is authenticated as ever, and readable by that origin.
+    let res = app
+        .http
+        .get(app.url("/api/sites"))
+        .header("origin", "https://dash.example.com")
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        header(&res, "access-control-allow-origin"),
+        Some("https://dash.example.com")
+    );
+    assert!(header(&res, "access-control-expose-headers")
+        .unwrap()
+        .contains("x-payfence-request-id"));
+    let res = app
+        .http
+        .get(app.url("/api/sites"))
+        .header("origin", "https://dash.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // Another origin gets no CORS headers: its pages cannot read anything.
+    let res = preflight("https://evil.example").await.unwrap();
+    assert_eq!(header(&res, "access-control-allow-origin"), None);
+    let res = app
+        .http
+        .get(app.url("/api/sites"))
+        .header("origin", "https://evil.example")
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "access-control-allow-origin"), None);
+
+    // Without configured origins there is no CORS at all.
+    let plain = spawn_app().await;
+    let res = plain
+        .http
+        .request(reqwest::Method::OPTIONS, plain.url("/api/sites"))
+        .header("origin", "https://dash.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "access-control-allow-origin"), None);
+}

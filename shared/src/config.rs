@@ -24,6 +24,9 @@ pub struct Config {
     pub dashboard_requests_per_second: u64,
     /// How long the previous signing secret keeps signing after a rotation.
     pub rotation_overlap_secs: u64,
+    /// Web origins (`https://host[:port]`) whose pages may call the dashboard API
+    /// (CORS); none by default, so only same-origin pages can.
+    pub dashboard_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -35,6 +38,7 @@ impl Default for Config {
             cache_ttl: Duration::from_secs(10),
             dashboard_requests_per_second: 50,
             rotation_overlap_secs: 86_400,
+            dashboard_origins: Vec::new(),
         }
     }
 }
@@ -54,6 +58,30 @@ where
             problem: format!("{v:?} is not valid ({e})"),
         }),
     }
+}
+
+/// A comma-separated list of web origins, each `http(s)://host[:port]` (a trailing
+/// `/` is allowed), as browsers send them in `Origin`: lowercase, no path.
+pub fn parse_origins(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            let bad = || format!("{o:?} is not an origin like https://app.example.com");
+            let uri: http::Uri = o.parse().map_err(|_| bad())?;
+            let scheme = uri.scheme_str().filter(|s| matches!(*s, "https" | "http"));
+            match (scheme, uri.authority()) {
+                (Some(scheme), Some(authority))
+                    if uri.path() == "/"
+                        && uri.query().is_none()
+                        && !authority.as_str().contains('@') =>
+                {
+                    Ok(format!("{scheme}://{authority}").to_ascii_lowercase())
+                }
+                _ => Err(bad()),
+            }
+        })
+        .collect()
 }
 
 impl Config {
@@ -80,6 +108,13 @@ impl Config {
                 "PAYFENCE_ROTATION_OVERLAP_SECS",
                 d.rotation_overlap_secs,
             )?,
+            dashboard_origins: match env_var("PAYFENCE_DASHBOARD_ORIGINS") {
+                None => d.dashboard_origins,
+                Some(list) => parse_origins(&list).map_err(|problem| ConfigError::Invalid {
+                    var: "PAYFENCE_DASHBOARD_ORIGINS",
+                    problem,
+                })?,
+            },
         };
         if c.cache_ttl > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {
@@ -94,5 +129,28 @@ impl Config {
             });
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dashboard_origins() {
+        assert_eq!(
+            parse_origins(" https://App.example.com , http://localhost:5173/,").unwrap(),
+            ["https://app.example.com", "http://localhost:5173"]
+        );
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/dashboard",
+            "https://app.example.com?x=1",
+            "ftp://app.example.com",
+            "https://user@app.example.com",
+            "*",
+        ] {
+            assert!(parse_origins(bad).is_err(), "{bad}");
+        }
     }
 }

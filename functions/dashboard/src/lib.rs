@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 pub fn router(state: AppState) -> Router {
     let site = |p: &str| format!("/api/sites/{{site_id}}{p}");
-    Router::new()
+    let api = Router::new()
         .route("/api/sites", post(create_site).get(list_sites))
         .route(&site(""), get(get_site).patch(update_site))
         .route(&site("/signing-secret/rotate"), post(rotate_secret))
@@ -49,9 +49,44 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/events"), get(list_events))
         .route("/api/me/tokens", get(my_tokens))
         .route("/api/audit-trail", get(audit_trail))
-        .layer(from_fn_with_state(state.clone(), authenticate))
-        .with_state(state)
-        .layer(from_fn(request_context))
+        .layer(from_fn_with_state(state.clone(), authenticate));
+    let api = match state.config.dashboard_origins.as_slice() {
+        [] => api,
+        origins => api.layer(cors(origins)),
+    };
+    api.with_state(state).layer(from_fn(request_context))
+}
+
+/// CORS for a dashboard SPA served from another origin: preflights from the
+/// configured origins are answered before authentication (they carry no JWT), and
+/// answers to those origins say they may read them. Other origins get no CORS
+/// headers, so browsers keep their pages out.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use http::header::{AUTHORIZATION, CONTENT_DISPOSITION, RETRY_AFTER};
+    use http::Method;
+    let origins = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect::<Vec<_>>();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::list(origins))
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([AUTHORIZATION, CONTENT_TYPE])
+        .expose_headers([
+            RETRY_AFTER,
+            CONTENT_DISPOSITION,
+            http::HeaderName::from_static("x-payfence-request-id"),
+            http::HeaderName::from_static("x-ratelimit-limit"),
+            http::HeaderName::from_static("x-ratelimit-remaining"),
+            http::HeaderName::from_static("x-ratelimit-reset"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Verify the JWT, apply the per-user rate limit, and put the [`Principal`] in
