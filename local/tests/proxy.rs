@@ -24,6 +24,7 @@ async fn allowed_request_reaches_origin_signed_and_intact() {
         .header("x-custom", "kept")
         .header("x-payfence-signature", "sha256=forged")
         .header("x-payfence-token-id", "tok_forged")
+        .header("x-forwarded-for", "203.0.113.9")
         .header("x-respond-with", "hello back")
         .body(body.clone())
         .send()
@@ -58,6 +59,11 @@ async fn allowed_request_reaches_origin_signed_and_intact() {
     assert_eq!(h("x-payfence-token-id"), Some(s.token_id.clone()));
     assert_eq!(h("x-payfence-plan").as_deref(), Some("pro"));
     assert!(h("x-payfence-request-id").is_some());
+    assert_eq!(
+        h("x-forwarded-for").as_deref(),
+        Some("127.0.0.1"),
+        "the address PayFence saw, not the one the client claimed"
+    );
     let ts: u64 = h("x-payfence-timestamp").unwrap().parse().unwrap();
     assert_eq!(
         h("x-payfence-signature").unwrap(),

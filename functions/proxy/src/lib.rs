@@ -31,6 +31,7 @@ const TIMESTAMP: HeaderName = HeaderName::from_static(payfence_signing::TIMESTAM
 const SIGNATURE: HeaderName = HeaderName::from_static(payfence_signing::SIGNATURE_HEADER);
 const TOKEN_ID: HeaderName = HeaderName::from_static("x-payfence-token-id");
 const PLAN: HeaderName = HeaderName::from_static("x-payfence-plan");
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 struct ProxyState {
     app: AppState,
@@ -191,6 +192,7 @@ async fn handle(
     let token = via_header
         .clone()
         .or_else(|| bearer(req.headers()).map(str::to_owned));
+    let ip = client_ip(&req);
     let authorized = st
         .app
         .gateway
@@ -199,7 +201,7 @@ async fn handle(
             token: token.as_deref(),
             method: req.method().as_str(),
             path_and_query: &rest_and_query,
-            client_ip: client_ip(&req),
+            client_ip: ip,
             mode: Mode::Proxy,
             started,
         })
@@ -272,6 +274,12 @@ async fn handle(
     add(TOKEN_ID, decision.token_id.clone().unwrap_or_default());
     add(PLAN, decision.plan.clone().unwrap_or_default());
     add(REQUEST_ID_HEADER, request_id);
+    // The address PayFence saw, replacing any the client claimed: one value the
+    // origin can trust, as it trusts the rest of a signed request.
+    match ip {
+        Some(ip) => add(FORWARDED_FOR, ip.to_string()),
+        None => drop(headers.remove(FORWARDED_FOR)),
+    }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     parts.extensions = Default::default();
