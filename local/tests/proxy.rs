@@ -118,6 +118,21 @@ async fn denials_have_the_right_status_reason_and_headers() {
         .unwrap();
     assert_eq!(res.status(), 401);
     assert_eq!(problem(res).await["reason"], "missing_token");
+    // A CORS preflight is a request like any other: it carries no token.
+    let res = app
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            app.url(&format!("/p/{}/x", s.site_id)),
+        )
+        .header("origin", "https://page.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(header(&res, "access-control-allow-origin").is_none());
+    assert_eq!(problem(res).await["reason"], "missing_token");
     for garbage in [
         "nonsense",
         "pf_live_short",
