@@ -294,7 +294,28 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
             .status(),
         404
     );
-    assert_eq!(app.get(&owner, "/api/nothing-here").await.status(), 404);
+    let res = app.get(&owner, "/api/nothing-here").await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["type"],
+        "https://payfence.io/problems/not-found"
+    );
+    // A known route with a method it does not take: 405, saying so, with Allow.
+    let res = client()
+        .delete(app.url("/api/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 405);
+    assert_eq!(header(&res, "allow"), Some("GET,HEAD"));
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["type"],
+        "https://payfence.io/problems/method-not-allowed"
+    );
 }
 
 #[tokio::test]

@@ -241,7 +241,16 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         && !fields.relayed
     {
         let allow = res.headers().get(http::header::ALLOW).cloned();
-        res = problem(status, "not-found", "no such route or method", None);
+        res = if status == StatusCode::NOT_FOUND {
+            problem(status, "not-found", "no such route", None)
+        } else {
+            problem(
+                status,
+                "method-not-allowed",
+                "this route does not accept this method (see Allow)",
+                None,
+            )
+        };
         if let Some(allow) = allow {
             res.headers_mut().insert(http::header::ALLOW, allow);
         }
