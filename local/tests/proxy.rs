@@ -361,6 +361,9 @@ async fn one_audit_record_per_decision() {
     for field in ["id", "timestamp", "site_id", "method", "latency_ms"] {
         assert!(!items[2][field].is_null(), "{field}");
     }
+    for item in items {
+        assert!(is_ms_to_the_microsecond(&item["latency_ms"]), "{item}");
+    }
     assert!(!logs.to_string().contains(&s.token));
 }
 

@@ -221,6 +221,12 @@ pub fn rfc3339_ms(ts_ms: u64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Milliseconds since `since`, to the microsecond (`0.016`, not `0.016093999999999997`),
+/// as audit records, health checks and request logs report durations.
+pub fn elapsed_ms(since: std::time::Instant) -> f64 {
+    since.elapsed().as_micros() as f64 / 1000.0
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

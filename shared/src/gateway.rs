@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::domain::{
-    now_ms, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode, Reason, Site, AUDIT_RETENTION_SECS,
+    elapsed_ms, now_ms, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode, Reason, Site,
+    AUDIT_RETENTION_SECS,
 };
 use crate::ids;
 use crate::limits::{PlanLimits, Verdict};
@@ -274,7 +275,7 @@ impl Gateway {
             },
             reason: decision.reason,
             remaining: None,
-            latency_ms: req.started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms: elapsed_ms(req.started),
             mode: req.mode,
             expires_at: now / 1000 + AUDIT_RETENTION_SECS,
         };

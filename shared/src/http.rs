@@ -278,7 +278,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         reason = fields.reason,
         auth_ms = fields.auth_ms,
         origin_ms = fields.origin_ms,
-        total_ms = started.elapsed().as_secs_f64() * 1000.0,
+        total_ms = crate::domain::elapsed_ms(started),
     );
     res
 }

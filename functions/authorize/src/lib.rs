@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use http::HeaderMap;
-use payfence_core::domain::Mode;
+use payfence_core::domain::{elapsed_ms, Mode};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, decision_headers, json, parse_json, request_context, ApiError, LogFields,
@@ -124,7 +124,7 @@ async fn authorize(
         token_id: d.token_id.clone(),
         decision: Some(if d.allowed { "allow" } else { "deny" }),
         reason: d.reason.map(|r| r.as_str()),
-        auth_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        auth_ms: Some(elapsed_ms(started)),
         ..Default::default()
     });
     Ok(res.into_response())

@@ -8,6 +8,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use http::StatusCode;
+use payfence_core::domain::elapsed_ms;
 use payfence_core::http::{json, request_context};
 use payfence_core::AppState;
 use serde_json::json;
@@ -22,7 +23,7 @@ pub fn router(state: AppState) -> Router {
 async fn health(State(st): State<AppState>) -> Response {
     let started = Instant::now();
     let probe = tokio::time::timeout(Duration::from_secs(3), st.store().ping()).await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let latency_ms = elapsed_ms(started);
     let version = env!("CARGO_PKG_VERSION");
     match probe {
         Ok(Ok(())) => json(

@@ -13,7 +13,7 @@ use axum::routing::any;
 use axum::Router;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, LOCATION};
 use http::{HeaderMap, Uri};
-use payfence_core::domain::{now_ms, Mode};
+use payfence_core::domain::{elapsed_ms, now_ms, Mode};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, client_ip, decision_headers, problem, request_context, ApiError, LogFields, RequestId,
@@ -208,7 +208,7 @@ async fn handle(
         .await?;
     let (decision, durable) = (authorized.decision, authorized.durable);
     let auth_done = Instant::now();
-    log.auth_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    log.auth_ms = Some(elapsed_ms(started));
     log.token_id = decision.token_id.clone();
     log.decision = Some(if decision.allowed { "allow" } else { "deny" });
     log.reason = decision.reason.map(|r| r.as_str());
@@ -291,7 +291,7 @@ async fn handle(
         durable
     );
     durable?;
-    log.origin_ms = Some(auth_done.elapsed().as_secs_f64() * 1000.0);
+    log.origin_ms = Some(elapsed_ms(auth_done));
     let mut res = match result {
         Err(_) => {
             tracing::warn!(site_id, "origin timed out");

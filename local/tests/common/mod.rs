@@ -325,6 +325,15 @@ pub async fn avoid_minute_boundary() {
     }
 }
 
+/// A duration in milliseconds as PayFence reports them: a number with at most three
+/// decimals (to the microsecond), not a float's binary noise.
+pub fn is_ms_to_the_microsecond(v: &Value) -> bool {
+    v.as_f64().is_some_and(|ms| ms >= 0.0)
+        && v.to_string()
+            .split_once('.')
+            .is_none_or(|(_, f)| f.len() <= 3)
+}
+
 pub fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     res.headers().get(name).and_then(|v| v.to_str().ok())
 }
