@@ -301,7 +301,8 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         "https://payfence.io/problems/not-found"
     );
     // A known route with a method it does not take: 405, saying so, with Allow.
-    let res = client()
+    let res = app
+        .http
         .delete(app.url("/api/health"))
         .send()
         .await
