@@ -241,16 +241,15 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         && !fields.relayed
     {
         let allow = res.headers().get(http::header::ALLOW).cloned();
-        res = if status == StatusCode::NOT_FOUND {
-            problem(status, "not-found", "no such route", None)
+        let (kind, detail) = if status == StatusCode::NOT_FOUND {
+            ("not-found", "no such route")
         } else {
-            problem(
-                status,
+            (
                 "method-not-allowed",
                 "this route does not accept this method (see Allow)",
-                None,
             )
         };
+        res = problem(status, kind, detail, None);
         if let Some(allow) = allow {
             res.headers_mut().insert(http::header::ALLOW, allow);
         }
