@@ -44,7 +44,8 @@ pub struct CountRequest {
     pub audit: AuditRecord,
 }
 
-/// Resolves once a decision is durable.
+/// Resolves once a decision is durable. The store makes it durable whether or not
+/// this is polled (a caller may await it last, after other work).
 pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// A durable-now [`Durable`].
