@@ -75,7 +75,9 @@ request = function()
       {["Authorization"] = "Bearer $KEY", ["Content-Type"] = "application/json"},
       '{"token":"' .. t .. '","method":"GET","path":"/v1/flights"}')
   end
-  return wrk.format("GET", "/p/$SITE/v1/flights?from=OSL", {["Authorization"] = "Bearer " .. t})
+  -- The origin and nginx get the same request, minus the proxy's path prefix.
+  local prefix = mode == "proxy" and "/p/$SITE" or ""
+  return wrk.format("GET", prefix .. "/v1/flights?from=OSL", {["Authorization"] = "Bearer " .. t})
 end
 if os.getenv("PAUSE") then dofile("$WORK/pause.lua") end
 LUA
@@ -84,20 +86,20 @@ echo "delay = function() return math.random(0, 2 * $PAUSE_MS) end" > "$WORK/paus
 # CPU time (user + system) of the payfence-local process, in clock ticks.
 ticks() { awk '{print $14 + $15}' /proc/$PF_PID/stat; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
-run() { # key name url conns [script]
+# Every target gets its requests from the same script (a random token each), so that
+# wrk's own work per request, which shares the two cores, is the same in every run.
+run() { # key name url conns
   local key=$1; shift
   local out t0 cpu=-
   t0=$(ticks)
-  local script=()
-  if [ -n "${4:-}" ]; then script=(-s "$WORK/tokens.lua"); elif [ -n "${PAUSE:-}" ]; then script=(-s "$WORK/pause.lua"); fi
-  out=$(MODE=${4:-} wrk -t2 -c"$3" -d"$DUR" --latency "${script[@]}" "$2")
+  out=$(MODE=$key wrk -t2 -c"$3" -d"$DUR" --latency -s "$WORK/tokens.lua" "$2")
   local rps p50 p99 non2xx
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
   # PayFence's own CPU per request: steadier than req/s on a shared, noisy machine.
-  if [ -n "${4:-}" ]; then
+  if [ "$key" = authorize ] || [ "$key" = proxy ]; then
     cpu=$(echo "$out" | awk -v t="$(( $(ticks) - t0 ))" -v us="$TICK_US" '/^ +[0-9]+ requests in/ {printf "%.1f", t * us / $1}')
   fi
   printf '| %-22s | %3s | %10s | %8s | %8s | %s | %s |\n' "${PAUSE:+paused }$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
@@ -106,10 +108,10 @@ run() { # key name url conns [script]
 ms() { echo "$1" | awk '/us$/ {print $1 / 1000; next} /ms$/ {print $1 + 0; next} /s$/ {print $1 * 1000}'; }
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 runs() { # conns
-  if want authorize; then run authorize "authorize (middleware)" "http://$PF" "$1" authorize; fi
-  if want proxy; then run proxy "proxy (PayFence)" "http://$PF" "$1" proxy; fi
-  if want direct; then run direct "origin directly" "http://$ORIGIN/v1/flights?from=OSL" "$1"; fi
-  if want nginx; then run nginx "nginx proxy_pass" "http://$NGINX_PROXY/v1/flights?from=OSL" "$1"; fi
+  if want authorize; then run authorize "authorize (middleware)" "http://$PF" "$1"; fi
+  if want proxy; then run proxy "proxy (PayFence)" "http://$PF" "$1"; fi
+  if want direct; then run direct "origin directly" "http://$ORIGIN" "$1"; fi
+  if want nginx; then run nginx "nginx proxy_pass" "http://$NGINX_PROXY" "$1"; fi
 }
 for ROUND in $(seq "$ROUNDS"); do
   echo "Round $ROUND of $ROUNDS (\"paused\": at the fixed load)"
