@@ -142,6 +142,29 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         .await
         .unwrap();
     assert_eq!(res.json::<Value>().await.unwrap()["field"], "path");
+    // A body past the limit: 413, as problem+json.
+    let big = format!(
+        r#"{{"method": "GET", "path": "/", "pad": "{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let res = app
+        .http
+        .post(app.url("/v1/authorize"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["type"],
+        "https://payfence.io/problems/payload-too-large"
+    );
 
     // A revoked key stops working.
     let keys: Value = app

@@ -232,6 +232,18 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         .await
         .unwrap();
     assert_eq!(res.status(), 415);
+    let res = app
+        .post(
+            &owner,
+            "/api/sites",
+            json!({"name": "x".repeat(70_000), "origin_url": "https://api.example.com"}),
+        )
+        .await;
+    assert_eq!(res.status(), 413);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["type"],
+        "https://payfence.io/problems/payload-too-large"
+    );
 
     let site = app.create_site(&owner, "https://api.example.com/v2/").await;
     assert_eq!(site["origin_url"], "https://api.example.com/v2");
@@ -294,6 +306,15 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
             .status(),
         404
     );
+    // A path parameter that is not UTF-8 once decoded.
+    let res = app
+        .get(&owner, &format!("/api/sites/{sid}/tokens/%ff%fe"))
+        .await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
     let res = app.get(&owner, "/api/nothing-here").await;
     assert_eq!(res.status(), 404);
     assert_eq!(
@@ -317,6 +338,39 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         res.json::<Value>().await.unwrap()["type"],
         "https://payfence.io/problems/method-not-allowed"
     );
+}
+
+#[tokio::test]
+async fn local_origins_allowed_but_never_metadata_addresses() {
+    let app = spawn_app().await; // allow_http_origins, as `--allow-http-origins`
+    let owner = app.jwt("alice", Role::SiteOwner);
+    for ok in [
+        "http://127.0.0.1:9000",
+        "http://10.0.0.8",
+        "http://[::1]:8080",
+    ] {
+        let res = app
+            .post(&owner, "/api/sites", json!({"name": "x", "origin_url": ok}))
+            .await;
+        assert_eq!(res.status(), 201, "{ok}");
+    }
+    for bad in [
+        "http://169.254.169.254/latest",
+        "https://169.254.170.2",
+        "http://[fd00:ec2::254]",
+        "http://[fe80::1]",
+        "http://[::ffff:169.254.169.254]",
+    ] {
+        let res = app
+            .post(
+                &owner,
+                "/api/sites",
+                json!({"name": "x", "origin_url": bad}),
+            )
+            .await;
+        assert_eq!(res.status(), 422, "{bad}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], "origin_url");
+    }
 }
 
 #[tokio::test]

@@ -308,6 +308,22 @@ async fn streams_a_large_upload() {
 }
 
 #[tokio::test]
+async fn a_broken_request_body_is_the_clients_400_not_a_502() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    // A chunk size that is not hex: the body fails part-way through forwarding.
+    let req = format!(
+        "POST /p/{}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        s.site_id, s.token
+    );
+    let res = raw_request(&app.base, req.as_bytes()).await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    assert!(res.contains("application/problem+json"), "{res}");
+    assert!(res.contains("x-ratelimit-remaining"), "{res}");
+}
+
+#[tokio::test]
 async fn dot_segments_are_refused() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;

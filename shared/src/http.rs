@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -21,6 +22,8 @@ use crate::store::StoreError;
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-payfence-request-id");
 /// Requests with more header bytes than this are refused with 431.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// JSON request bodies (authorize, dashboard) larger than this are refused with 413.
+pub const MAX_JSON_BODY_BYTES: usize = 64 * 1024;
 
 /// An error answered as `application/problem+json` (RFC 9457).
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("rate limited")]
@@ -69,6 +74,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -86,6 +92,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
             Self::Conflict(_) => "conflict",
+            Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::TooManyRequests { .. } => "rate-limited",
             Self::BadGateway(_) => "origin-unreachable",
@@ -153,6 +160,22 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
             StoreError::InvalidCursor => Self::invalid("cursor", "not a cursor from this query"),
             other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::PayloadTooLarge(format!(
+                "the request body exceeds {} KiB",
+                MAX_JSON_BODY_BYTES / 1024
+            ))
+        } else {
+            Self::BadRequest(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))
         }
     }
 }
@@ -454,10 +477,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 "expected Content-Type: application/json".into(),
             ));
         }
-        let body = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let body = axum::body::Bytes::from_request(req, state).await?;
         parse_json(&body).map(Self)
+    }
+}
+
+/// Path parameters whose rejections (such as percent-encoded bytes that are not
+/// UTF-8) are problem+json.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Self(p.0))
+            .map_err(|e: PathRejection| ApiError::BadRequest(e.body_text()))
     }
 }
 

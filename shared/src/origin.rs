@@ -39,6 +39,26 @@ pub fn is_public_ip(ip: IpAddr) -> bool {
     }
 }
 
+/// May an origin use this address? Public ones always; with `allow_private` (local
+/// development) also loopback and private ones, but never link-local ones, where cloud
+/// metadata services answer (169.254.169.254, fd00:ec2::254).
+pub fn is_allowed_origin_ip(ip: IpAddr, allow_private: bool) -> bool {
+    is_public_ip(ip) || (allow_private && !is_link_local_or_metadata(ip))
+}
+
+fn is_link_local_or_metadata(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.is_link_local(),
+            None => {
+                (v6.segments()[0] & 0xffc0) == 0xfe80
+                    || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+            }
+        },
+    }
+}
+
 fn is_public_v4(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
     !(ip.is_private()
@@ -73,19 +93,25 @@ pub fn validate_origin_url(raw: &str, allow_private: bool) -> Result<String, Str
     }
     match url.host() {
         None => return Err("must have a host".into()),
-        Some(url::Host::Ipv4(ip)) if !allow_private && !is_public_ip(IpAddr::V4(ip)) => {
-            return Err("must be a public host (loopback, private, link-local and metadata addresses are refused)".into())
+        Some(url::Host::Ipv4(ip)) if !is_allowed_origin_ip(IpAddr::V4(ip), allow_private) => {
+            return Err(refused(allow_private))
         }
-        Some(url::Host::Ipv6(ip)) if !allow_private && !is_public_ip(IpAddr::V6(ip)) => {
-            return Err("must be a public host (loopback, private, link-local and metadata addresses are refused)".into())
+        Some(url::Host::Ipv6(ip)) if !is_allowed_origin_ip(IpAddr::V6(ip), allow_private) => {
+            return Err(refused(allow_private))
         }
         Some(url::Host::Domain(d)) if !allow_private => {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
             let internal = d == "localhost"
                 || !d.contains('.')
-                || [".localhost", ".local", ".internal", ".localdomain", ".home.arpa"]
-                    .iter()
-                    .any(|s| d.ends_with(s));
+                || [
+                    ".localhost",
+                    ".local",
+                    ".internal",
+                    ".localdomain",
+                    ".home.arpa",
+                ]
+                .iter()
+                .any(|s| d.ends_with(s));
             if internal {
                 return Err("must be a public host name".into());
             }
@@ -95,7 +121,16 @@ pub fn validate_origin_url(raw: &str, allow_private: bool) -> Result<String, Str
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
-/// A resolver that refuses names resolving to non-public addresses.
+fn refused(allow_private: bool) -> String {
+    if allow_private {
+        "must not be a link-local or metadata address".into()
+    } else {
+        "must be a public host (loopback, private, link-local and metadata addresses are refused)"
+            .into()
+    }
+}
+
+/// A resolver that refuses names resolving to addresses origins may not use.
 #[derive(Clone)]
 pub struct PublicResolver {
     inner: GaiResolver,
@@ -116,10 +151,13 @@ impl tower::Service<Name> for PublicResolver {
         let allow_private = self.allow_private;
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = fut.await?.collect();
-            if !allow_private && addrs.iter().any(|a| !is_public_ip(a.ip())) {
+            if addrs
+                .iter()
+                .any(|a| !is_allowed_origin_ip(a.ip(), allow_private))
+            {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
-                    "origin resolves to a non-public address",
+                    "origin resolves to an address origins may not use",
                 ));
             }
             Ok(addrs.into_iter())
@@ -182,6 +220,17 @@ mod tests {
         );
         assert!(validate_origin_url("https://8.8.8.8", false).is_ok());
         assert!(validate_origin_url("http://127.0.0.1:9000", true).is_ok());
+        assert!(validate_origin_url("http://10.0.0.5", true).is_ok());
+        // Local development still never reaches a cloud metadata service.
+        for bad in [
+            "http://169.254.169.254/latest",
+            "http://169.254.1.1",
+            "http://[fe80::1]",
+            "http://[fd00:ec2::254]",
+            "http://[::ffff:169.254.169.254]",
+        ] {
+            assert!(validate_origin_url(bad, true).is_err(), "{bad}");
+        }
     }
 
     #[test]

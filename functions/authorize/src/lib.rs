@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::middleware::from_fn;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -13,6 +14,7 @@ use payfence_core::domain::{elapsed_ms, Mode};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, decision_headers, json, parse_json, request_context, ApiError, LogFields,
+    MAX_JSON_BODY_BYTES,
 };
 use payfence_core::{ids, AppState};
 use serde::Deserialize;
@@ -33,6 +35,7 @@ struct AuthorizeBody {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/authorize", post(authorize))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .with_state(state)
         .layer(from_fn(request_context))
 }
@@ -66,7 +69,7 @@ pub fn decision_body(d: &Decision) -> serde_json::Value {
 async fn authorize(
     State(st): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let unauthorized = || {
@@ -78,7 +81,7 @@ async fn authorize(
         .filter(|k| ids::is_api_key_shaped(k))
         .ok_or_else(unauthorized)?;
     let key = st.gateway.api_key(key).await?.ok_or_else(unauthorized)?;
-    let body: AuthorizeBody = parse_json(&body)?;
+    let body: AuthorizeBody = parse_json(&body?)?;
     if !valid_method(&body.method) {
         return Err(ApiError::invalid(
             "method",

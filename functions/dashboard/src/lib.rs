@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::middleware::{from_fn, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,7 +18,10 @@ use payfence_core::domain::{
     now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Plan, Reason,
     Site, Token,
 };
-use payfence_core::http::{bearer, json, request_context, simple_rate_headers, ApiError, ApiJson};
+use payfence_core::http::{
+    bearer, json, request_context, simple_rate_headers, ApiError, ApiJson, ApiPath,
+    MAX_JSON_BODY_BYTES,
+};
 use payfence_core::limits::{self, period_end_unix, period_of};
 use payfence_core::origin::validate_origin_url;
 use payfence_core::{ids, AppState};
@@ -49,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/events"), get(list_events))
         .route("/api/me/tokens", get(my_tokens))
         .route("/api/audit-trail", get(audit_trail))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .layer(from_fn_with_state(state.clone(), authenticate));
     let api = match state.config.dashboard_origins.as_slice() {
         [] => api,
@@ -315,7 +319,7 @@ async fn list_sites(State(st): State<AppState>, Extension(p): P) -> ApiResult {
 async fn get_site(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
     Ok(json(StatusCode::OK, &site_view(&site)))
@@ -335,7 +339,7 @@ struct UpdateSite {
 async fn update_site(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     ApiJson(b): ApiJson<UpdateSite>,
 ) -> ApiResult {
     let mut site = managed_site(&st, &p, &site_id).await?;
@@ -373,7 +377,7 @@ struct Rotate {
 async fn rotate_secret(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult {
     let mut site = managed_site(&st, &p, &site_id).await?;
@@ -409,7 +413,7 @@ async fn rotate_secret(
 async fn get_webhook(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
     Ok(json(
@@ -431,7 +435,7 @@ struct PutWebhook {
 async fn put_webhook(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     ApiJson(b): ApiJson<PutWebhook>,
 ) -> ApiResult {
     let mut site = managed_site(&st, &p, &site_id).await?;
@@ -506,7 +510,7 @@ struct CreatePlan {
 async fn create_plan(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     ApiJson(b): ApiJson<CreatePlan>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
@@ -528,7 +532,7 @@ async fn create_plan(
 async fn list_plans(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let plans = st.store().list_plans(&site_id).await?;
@@ -551,7 +555,7 @@ async fn find_plan(st: &AppState, site_id: &str, plan_id: &str) -> Result<Plan, 
 async fn get_plan(
     State(st): State<AppState>,
     Extension(p): P,
-    Path((site_id, plan_id)): Path<(String, String)>,
+    ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     Ok(json(
@@ -571,7 +575,7 @@ struct UpdatePlan {
 async fn update_plan(
     State(st): State<AppState>,
     Extension(p): P,
-    Path((site_id, plan_id)): Path<(String, String)>,
+    ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
     ApiJson(b): ApiJson<UpdatePlan>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
@@ -630,7 +634,7 @@ struct CreateToken {
 async fn create_token(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     ApiJson(b): ApiJson<CreateToken>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
@@ -668,7 +672,7 @@ async fn create_token(
 async fn list_tokens(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let tokens = st.store().list_tokens(&site_id).await?;
@@ -691,7 +695,7 @@ async fn find_token(st: &AppState, site_id: &str, token_id: &str) -> Result<Toke
 async fn get_token(
     State(st): State<AppState>,
     Extension(p): P,
-    Path((site_id, token_id)): Path<(String, String)>,
+    ApiPath((site_id, token_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let t = find_token(&st, &site_id, &token_id).await?;
@@ -701,7 +705,7 @@ async fn get_token(
 async fn revoke_token(
     State(st): State<AppState>,
     Extension(p): P,
-    Path((site_id, token_id)): Path<(String, String)>,
+    ApiPath((site_id, token_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     find_token(&st, &site_id, &token_id).await?;
@@ -720,7 +724,7 @@ fn key_view(k: &ApiKey) -> Value {
 async fn create_key(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let secret = ids::api_key();
@@ -742,7 +746,7 @@ async fn create_key(
 async fn list_keys(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let keys = st.store().list_keys(&site_id).await?;
@@ -755,7 +759,7 @@ async fn list_keys(
 async fn revoke_key(
     State(st): State<AppState>,
     Extension(p): P,
-    Path((site_id, key_id)): Path<(String, String)>,
+    ApiPath((site_id, key_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     if !ids::is_id(&key_id, "key_") {
@@ -809,7 +813,7 @@ fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
 async fn query_logs(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
@@ -883,7 +887,7 @@ fn csv_row(r: &AuditRecord) -> String {
 async fn export_logs(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
@@ -954,7 +958,7 @@ async fn export_logs(
 async fn list_events(
     State(st): State<AppState>,
     Extension(p): P,
-    Path(site_id): Path<String>,
+    ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let events = st.store().list_events(&site_id).await?;

@@ -300,6 +300,14 @@ async fn handle(
             decision_headers(r.headers_mut(), &decision);
             return Ok(r);
         }
+        Ok(Err(e)) if client_body_failed(&e) => {
+            // The client's body broke off or had bad chunked framing: its mistake.
+            let mut r =
+                ApiError::BadRequest("the request body ended early or was malformed".into())
+                    .into_response();
+            decision_headers(r.headers_mut(), &decision);
+            return Ok(r);
+        }
         Ok(Err(e)) => {
             tracing::warn!(site_id, error = %e, connect = e.is_connect(), "origin unreachable");
             let mut r =
@@ -323,6 +331,12 @@ async fn handle(
     decision_headers(res.headers_mut(), &decision);
     log.relayed = true;
     Ok(res)
+}
+
+/// Did forwarding fail because the client's own request body failed to arrive? Its
+/// errors are `axum::Error`s, which the client's error carries as a source.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<axum::Error>())
 }
 
 /// A redirect into the origin (absolute, or a path on it) pointed at the same place
