@@ -157,6 +157,17 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         .await
         .unwrap();
     assert_eq!(bob_trail["items"].as_array().unwrap().len(), 0);
+    let one: Value = app
+        .get(&admin, "/api/audit-trail?limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["items"].as_array().unwrap().len(), 1);
+    assert_eq!(one["items"][0], trail["items"][0], "newest first");
+    let res = app.get(&admin, "/api/audit-trail?limit=abc").await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(res.json::<Value>().await.unwrap()["field"], "limit");
 }
 
 #[tokio::test]

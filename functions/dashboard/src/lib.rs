@@ -775,6 +775,18 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `limit`: 1–1000, default 100.
+fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(100),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::invalid("limit", "must be between 1 and 1000")),
+    }
+}
+
 /// `from`/`to`: RFC 3339, or unix seconds.
 fn parse_time(field: &str, v: &str) -> Result<u64, ApiError> {
     if let Ok(secs) = v.parse::<u64>() {
@@ -818,14 +830,7 @@ async fn query_logs(
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
     let filter = parse_filter(&q)?;
-    let limit = match q.get("limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::invalid("limit", "must be between 1 and 1000"))?,
-    };
+    let limit = parse_limit(&q)?;
     let page = st
         .store()
         .query_audit(
@@ -981,11 +986,7 @@ async fn audit_trail(
     Extension(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let limit = q
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(100usize)
-        .clamp(1, 1000);
+    let limit = parse_limit(&q)?;
     let events = match p.role {
         Role::Admin => st.store().list_admin(limit, None).await?,
         Role::SiteOwner => {
