@@ -216,13 +216,10 @@ impl Local {
     }
 }
 
-/// Serve `router` on `listener` with peer addresses available to handlers.
-pub async fn serve(listener: TcpListener, router: Router) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
+/// Serve every router of `local` on `listener`, on the current runtime, with the
+/// same connection settings as the `payfence-local` binary (see [`server::Connections`]).
+pub async fn serve(listener: TcpListener, local: Arc<Local>) -> std::io::Result<()> {
+    server::serve_listener(listener, &local).await
 }
 
 /// What `--demo` provisioned.

@@ -2,15 +2,23 @@
 //! acceptor hands each new connection to the next thread in turn; the connection,
 //! its requests and the origin connections they use then stay on that thread, with
 //! no hand-offs between threads (see docs/performance.md for what this saved).
+//! [`Connections`] serves each connection with a header read timeout.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tower::ServiceExt;
 
 use crate::Local;
 
@@ -44,7 +52,6 @@ pub async fn run(
     threads: usize,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
     let mut queues = Vec::new();
     let mut handles = Vec::new();
@@ -54,13 +61,13 @@ pub async fn run(
         let (local, stopped) = (local.clone(), stopped.clone());
         let handle = std::thread::Builder::new()
             .name(format!("payfence-http-{i}"))
-            .spawn(move || runtime()?.block_on(serve(rx, addr, &local, stopped)))?;
+            .spawn(move || runtime()?.block_on(serve(rx, &local, stopped)))?;
         handles.push(handle);
     }
     let (tx, rx) = mpsc::unbounded_channel();
     queues.push(tx);
     let acceptor = accept(listener, queues, stopped.clone());
-    let here = serve(rx, addr, &local, stopped);
+    let here = serve(rx, &local, stopped);
     let stopping = async {
         shutdown.await;
         let _ = stop.send(true);
@@ -109,54 +116,98 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// The connections handed to one thread, as a listener for `axum::serve`.
-struct Handed {
-    rx: mpsc::UnboundedReceiver<Handoff>,
-    addr: SocketAddr,
+/// Serves connections with the local server's HTTP settings: `TCP_NODELAY`, and
+/// `Config::client_header_timeout` for a request's headers (which also closes
+/// keep-alive connections idle that long, so slow or idle clients cannot hold
+/// connections indefinitely). HTTP/1.1, and HTTP/2 with prior knowledge.
+pub struct Connections {
+    router: axum::Router,
+    builder: Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
 }
 
-impl axum::serve::Listener for Handed {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            let Some((stream, peer)) = self.rx.recv().await else {
-                // The acceptor has stopped: shutdown is under way.
-                return std::future::pending().await;
-            };
-            match TcpStream::from_std(stream) {
-                Ok(stream) => return (stream, peer),
-                Err(e) => tracing::warn!(error = %e, "taking over a connection failed"),
-            }
+impl Connections {
+    pub fn new(local: &Local) -> Self {
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(local.state.config.client_header_timeout);
+        Self {
+            router: local.router(),
+            builder,
+            graceful: GracefulShutdown::new(),
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+    /// Serve one connection on a task of the current runtime.
+    pub fn serve(&self, stream: TcpStream, peer: SocketAddr) {
+        // Responses are written whole; small streamed chunks must not wait for an ACK.
+        let _ = stream.set_nodelay(true);
+        let service = self
+            .router
+            .clone()
+            .map_request(move |req: http::Request<Incoming>| {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = self.graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that goes away, stalls or sends garbage ends only its connection.
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    /// Let the connections finish the requests in flight, then close them.
+    pub async fn shutdown(self) {
+        self.graceful.shutdown().await;
+    }
+}
+
+/// Accept on `listener` and serve every connection on the current runtime, until
+/// the listener fails for good (one thread; for tests and embedding).
+pub async fn serve_listener(listener: TcpListener, local: &Local) -> std::io::Result<()> {
+    let connections = Connections::new(local);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => connections.serve(stream, peer),
+            Err(e) if is_connection_error(&e) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
 /// Serve the connections handed to this thread until `stopped`, then finish the
 /// requests in flight.
 async fn serve(
-    rx: mpsc::UnboundedReceiver<Handoff>,
-    addr: SocketAddr,
+    mut rx: mpsc::UnboundedReceiver<Handoff>,
     local: &Local,
     mut stopped: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    // Responses are written whole; small streamed chunks must not wait for an ACK.
-    let listener = Handed { rx, addr }.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        local
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    })
-    .await
+    let connections = Connections::new(local);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => break,
+            handed = rx.recv() => match handed {
+                Some(handed) => handed,
+                None => break,
+            },
+        };
+        match TcpStream::from_std(stream) {
+            Ok(stream) => connections.serve(stream, peer),
+            Err(e) => tracing::warn!(error = %e, "taking over a connection failed"),
+        }
+    }
+    connections.shutdown().await;
+    Ok(())
 }

@@ -324,6 +324,59 @@ async fn a_broken_request_body_is_the_clients_400_not_a_502() {
 }
 
 #[tokio::test]
+async fn stalled_headers_and_idle_connections_are_closed_but_slow_bodies_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = Config {
+        client_header_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let app = spawn_app_with(config).await;
+    let s = app.setup(600, 1000).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let closed_within = |mut conn: tokio::net::TcpStream| async move {
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
+            .await
+            .is_ok()
+    };
+
+    // Headers that never end: the connection is closed.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(conn).await, "a stalled request stayed open");
+
+    // A keep-alive connection left idle after its answer: closed too.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    conn.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(closed_within(conn).await, "an idle connection stayed open");
+
+    // The limit is on headers only: a body with pauses longer than it streams through.
+    let chunks = futures_util::stream::iter(0..3).then(|i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1000]))
+    });
+    let res = app
+        .http
+        .put(app.url(&format!("/p/{}/upload", s.site_id)))
+        .bearer_auth(&s.token)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.origin.last().body_len, 3000);
+}
+
+#[tokio::test]
 async fn dot_segments_are_refused() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;

@@ -27,6 +27,9 @@ pub struct Config {
     /// Web origins (`https://host[:port]`) whose pages may call the dashboard API
     /// (CORS); none by default, so only same-origin pages can.
     pub dashboard_origins: Vec<String>,
+    /// Local server: how long a client may take to send a request's headers, which
+    /// also closes keep-alive connections idle that long (in AWS, CloudFront does this).
+    pub client_header_timeout: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             dashboard_requests_per_second: 50,
             rotation_overlap_secs: 86_400,
             dashboard_origins: Vec::new(),
+            client_header_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -115,11 +119,21 @@ impl Config {
                     problem,
                 })?,
             },
+            client_header_timeout: ms(
+                "PAYFENCE_CLIENT_HEADER_TIMEOUT_MS",
+                d.client_header_timeout,
+            )?,
         };
         if c.cache_ttl > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {
                 var: "PAYFENCE_CACHE_TTL_SECS",
                 problem: "at most 60 (plan changes must be seen within a minute)".into(),
+            });
+        }
+        if c.client_header_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                var: "PAYFENCE_CLIENT_HEADER_TIMEOUT_MS",
+                problem: "must be at least 1".into(),
             });
         }
         if c.dashboard_requests_per_second == 0 {

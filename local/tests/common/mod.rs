@@ -78,8 +78,7 @@ pub async fn spawn_local(local: Local, dir: tempfile::TempDir) -> App {
     let local = Arc::new(local);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = local.router();
-    tokio::spawn(payfence_local::serve(listener, router));
+    tokio::spawn(payfence_local::serve(listener, local.clone()));
     App {
         base: format!("http://{addr}"),
         local,
