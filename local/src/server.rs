@@ -89,18 +89,29 @@ async fn accept(
 ) {
     let mut next = 0;
     loop {
-        let accepted = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stopped.wait_for(|stop| *stop) => return,
-            accepted = listener.accept() => accepted,
+            accepted = next_connection(&listener) => accepted,
         };
-        match accepted.and_then(|(stream, peer)| Ok((stream.into_std()?, peer))) {
-            Ok(handoff) => {
-                let _ = queues[next % queues.len()].send(handoff);
+        match stream.into_std() {
+            Ok(stream) => {
+                let _ = queues[next % queues.len()].send((stream, peer));
                 next += 1;
             }
+            Err(e) => tracing::warn!(error = %e, "handing over a connection failed"),
+        }
+    }
+}
+
+/// The next connection; a client that gave up before it was accepted is skipped,
+/// and a failure of the listener itself (out of file descriptors or memory) is
+/// waited out, as `axum::serve` does.
+async fn next_connection(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
             Err(e) if is_connection_error(&e) => {}
             Err(e) => {
-                // Out of file descriptors or memory: wait, as axum::serve does.
                 tracing::error!(error = %e, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -171,19 +182,13 @@ impl Connections {
     }
 }
 
-/// Accept on `listener` and serve every connection on the current runtime, until
-/// the listener fails for good (one thread; for tests and embedding).
+/// Accept on `listener` and serve every connection on the current runtime, for
+/// ever (one thread; for tests and embedding).
 pub async fn serve_listener(listener: TcpListener, local: &Local) -> std::io::Result<()> {
     let connections = Connections::new(local);
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => connections.serve(stream, peer),
-            Err(e) if is_connection_error(&e) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
+        let (stream, peer) = next_connection(&listener).await;
+        connections.serve(stream, peer);
     }
 }
 
