@@ -317,6 +317,18 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
             .status(),
         404
     );
+    let res = app
+        .post(
+            &owner,
+            &format!("/api/sites/{sid}/signing-secret/rotate"),
+            json!({"overlap_seconds": 60, "pad": "x".repeat(70_000)}),
+        )
+        .await;
+    assert_eq!(res.status(), 413);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
     // A path parameter that is not UTF-8 once decoded.
     let res = app
         .get(&owner, &format!("/api/sites/{sid}/tokens/%ff%fe"))

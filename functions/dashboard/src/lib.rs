@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::middleware::{from_fn, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
@@ -378,10 +379,11 @@ async fn rotate_secret(
     State(st): State<AppState>,
     Extension(p): P,
     ApiPath(site_id): ApiPath<String>,
-    body: bytes::Bytes,
+    body: Result<bytes::Bytes, BytesRejection>,
 ) -> ApiResult {
     let mut site = managed_site(&st, &p, &site_id).await?;
     // The body is optional: empty means the default overlap.
+    let body = body?;
     let b: Rotate = if body.iter().all(u8::is_ascii_whitespace) {
         Rotate::default()
     } else {

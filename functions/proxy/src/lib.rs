@@ -292,28 +292,30 @@ async fn handle(
     let result = tokio::time::timeout(st.timeout, st.client.request(upstream)).await;
     durable.await?;
     log.origin_ms = Some(elapsed_ms(auth_done));
+    // Failures carry the decision's headers too: the request was counted.
+    let failed = |e: ApiError| {
+        let mut r = e.into_response();
+        decision_headers(r.headers_mut(), &decision);
+        Ok(r)
+    };
     let mut res = match result {
         Err(_) => {
             tracing::warn!(site_id, "origin timed out");
-            let mut r = ApiError::GatewayTimeout("the origin did not answer in time".into())
-                .into_response();
-            decision_headers(r.headers_mut(), &decision);
-            return Ok(r);
+            return failed(ApiError::GatewayTimeout(
+                "the origin did not answer in time".into(),
+            ));
         }
+        // The client's body broke off or had bad chunked framing: its mistake.
         Ok(Err(e)) if client_body_failed(&e) => {
-            // The client's body broke off or had bad chunked framing: its mistake.
-            let mut r =
-                ApiError::BadRequest("the request body ended early or was malformed".into())
-                    .into_response();
-            decision_headers(r.headers_mut(), &decision);
-            return Ok(r);
+            return failed(ApiError::BadRequest(
+                "the request body ended early or was malformed".into(),
+            ));
         }
         Ok(Err(e)) => {
             tracing::warn!(site_id, error = %e, connect = e.is_connect(), "origin unreachable");
-            let mut r =
-                ApiError::BadGateway("the origin could not be reached".into()).into_response();
-            decision_headers(r.headers_mut(), &decision);
-            return Ok(r);
+            return failed(ApiError::BadGateway(
+                "the origin could not be reached".into(),
+            ));
         }
         Ok(Ok(res)) => res.map(Body::new),
     };
