@@ -61,7 +61,7 @@ pub async fn run(
         let (local, stopped) = (local.clone(), stopped.clone());
         let handle = std::thread::Builder::new()
             .name(format!("payfence-http-{i}"))
-            .spawn(move || runtime()?.block_on(serve(rx, &local, stopped)))?;
+            .spawn(move || runtime().map(|rt| rt.block_on(serve(rx, &local, stopped))))?;
         handles.push(handle);
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -72,13 +72,13 @@ pub async fn run(
         shutdown.await;
         let _ = stop.send(true);
     };
-    let ((), (), served) = tokio::join!(stopping, acceptor, here);
+    tokio::join!(stopping, acceptor, here);
     for handle in handles {
         handle
             .join()
             .map_err(|_| std::io::Error::other("a server thread panicked"))??;
     }
-    served
+    Ok(())
 }
 
 /// Accept connections and hand them to the threads in turn, until told to stop.
@@ -198,7 +198,7 @@ async fn serve(
     mut rx: mpsc::UnboundedReceiver<Handoff>,
     local: &Local,
     mut stopped: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) {
     let connections = Connections::new(local);
     loop {
         let (stream, peer) = tokio::select! {
@@ -214,5 +214,4 @@ async fn serve(
         }
     }
     connections.shutdown().await;
-    Ok(())
 }
