@@ -151,23 +151,42 @@ impl Drop for Moto {
     }
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up), so that
+/// no outgoing connection of the tests running beside this one can take it as its
+/// local port while the server is down.
+fn port_outside_ephemeral_range() -> u16 {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (start..32_000)
+        .chain(20_000..start)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port in 20000..32000")
+}
+
+/// Start moto's server on `port` and wait until it accepts connections; if it exits
+/// or does not come up, fail with its output.
 fn start_moto(port: u16) -> Moto {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/moto_server.py");
-    let moto = Moto(
+    let log_path = std::env::temp_dir().join(format!("payfence-test-moto-{port}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut moto = Moto(
         Command::new("python3")
             .args([script, "127.0.0.1", &port.to_string()])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("python3 with moto (scripts/test.sh installs it)"),
     );
-    for _ in 0..150 {
+    let output = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    for _ in 0..600 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return moto;
         }
+        if let Ok(Some(status)) = moto.0.try_wait() {
+            panic!("moto exited ({status}) on {port}:\n{}", output());
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("moto did not start on {port}");
+    panic!("moto did not start on {port} in 60 s:\n{}", output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -175,11 +194,7 @@ async fn fails_closed_while_dynamodb_is_down_and_recovers_without_restart() {
     if dynamodb_endpoint().is_none() {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = port_outside_ephemeral_range();
     let moto = start_moto(port);
     let endpoint = format!("http://127.0.0.1:{port}");
     let table = unique_table("faults");
