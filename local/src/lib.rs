@@ -20,7 +20,6 @@ use payfence_core::config::Config;
 use payfence_core::domain::{now_ms, Plan, Site, Token};
 use payfence_core::http::request_context;
 use payfence_core::seal::SealingKey;
-use payfence_core::state::load_or_create_key;
 use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::Store;
@@ -46,10 +45,12 @@ pub struct Issuer {
 impl Issuer {
     pub fn load_or_create(data_dir: &Path) -> anyhow_like::Result<Self> {
         let path = data_dir.join("jwt-signing-key.pem");
-        let private = match std::fs::read_to_string(&path) {
-            Ok(pem) => RsaPrivateKey::from_pkcs8_pem(&pem)
-                .map_err(|e| format!("{}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let private = match read_private(&path)? {
+            Some(pem) => std::str::from_utf8(&pem)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| e.to_string()))
+                .map_err(|e| format!("{}: not a PKCS#8 PEM private key ({e})", path.display()))?,
+            None => {
                 let key =
                     RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).map_err(|e| e.to_string())?;
                 let pem = key
@@ -58,7 +59,6 @@ impl Issuer {
                 write_private(&path, pem.as_bytes())?;
                 key
             }
-            Err(e) => return Err(format!("{}: {e}", path.display()).into()),
         };
         let pem = private
             .to_pkcs8_pem(LineEnding::LF)
@@ -85,7 +85,7 @@ impl Issuer {
             token_use: "access",
             groups: vec![role.as_str()],
             iat: now,
-            exp: now + ttl.as_secs(),
+            exp: now.saturating_add(ttl.as_secs()),
         };
         let mut header = Header::new(jsonwebtoken::Algorithm::RS256);
         header.kid = Some(self.kid.clone());
@@ -109,18 +109,69 @@ pub mod anyhow_like {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// A secret file of the data directory (the sealing key, the JWT key): its bytes,
+/// or `None` if it does not exist yet. One that other users may read or write is
+/// refused, as ssh refuses such a private key.
+fn read_private(path: &Path) -> anyhow_like::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(at(e).into()),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata().map_err(at)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} holds a secret but other users may access it (mode {mode:03o}); \
+                 run: chmod 600 {}",
+                path.display(),
+                path.display()
+            )
+            .into());
+        }
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(at)?;
+    Ok(Some(bytes))
+}
+
+/// Create a secret file only its owner may read (mode 0600), durably.
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow_like::Result<()> {
     use std::io::Write;
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let mut f = opts.open(path).map_err(at)?;
+    f.write_all(bytes).map_err(at)?;
+    f.sync_all().map_err(at)?;
     Ok(())
+}
+
+/// The sealing key in the data directory: 32 random bytes, created on first start.
+fn load_or_create_sealing_key(data_dir: &Path) -> anyhow_like::Result<[u8; 32]> {
+    let path = data_dir.join("sealing.key");
+    match read_private(&path)? {
+        Some(key) => key.try_into().map_err(|key: Vec<u8>| {
+            format!(
+                "{}: {} bytes, but a sealing key is 32",
+                path.display(),
+                key.len()
+            )
+            .into()
+        }),
+        None => {
+            let mut key = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+            write_private(&path, &key)?;
+            Ok(key)
+        }
+    }
 }
 
 /// Everything one local process serves.
@@ -135,12 +186,7 @@ impl Local {
     pub fn open(data_dir: &Path, config: Config) -> anyhow_like::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
-        let store = EmbeddedStore::open(&data_dir.join("payfence.redb")).map_err(|e| {
-            format!(
-                "{}: {e} (is another payfence-local using this --data-dir?)",
-                data_dir.display()
-            )
-        })?;
+        let store = EmbeddedStore::open(&data_dir.join("payfence.redb"))?;
         Self::open_with_store(data_dir, config, Arc::new(store))
     }
 
@@ -168,10 +214,7 @@ impl Local {
     ) -> anyhow_like::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
-        let key: [u8; 32] = load_or_create_key(&data_dir.join("sealing.key"), 32)
-            .map_err(|e| format!("sealing key: {e}"))?
-            .try_into()
-            .map_err(|_| "sealing key has the wrong length")?;
+        let key = load_or_create_sealing_key(data_dir)?;
         let issuer = Arc::new(Issuer::load_or_create(data_dir)?);
         let state = AppState::new(
             store,

@@ -73,8 +73,14 @@ fn start(dir: &Path) -> Server {
 }
 
 fn dev_token(dir: &Path, sub: &str, role: &str) -> String {
+    dev_token_with(dir, &["--sub", sub, "--role", role])
+}
+
+fn dev_token_with(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_payfence-local"))
-        .args(["dev-token", "--sub", sub, "--role", role, "--data-dir"])
+        .arg("dev-token")
+        .args(args)
+        .arg("--data-dir")
         .arg(dir)
         .output()
         .unwrap();
@@ -333,4 +339,89 @@ async fn sigterm_finishes_requests_in_flight_on_every_thread_then_exits() {
     std::thread::sleep(std::time::Duration::from_millis(100)); // the last lines
     let logs = server.stderr.lock().unwrap().clone();
     assert_eq!(logs.matches("\"route\":\"/p/").count(), 8, "{logs}");
+}
+
+/// Run the binary on `dir`, which must keep it from starting: its exit code and
+/// standard error.
+fn refused_start(dir: &Path) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payfence-local"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    collect(child.stderr.take().unwrap(), stderr.clone(), None);
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            std::thread::sleep(std::time::Duration::from_millis(50)); // the last lines
+            let stderr = stderr.lock().unwrap().clone();
+            return (status.code().unwrap_or(-1), stderr);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("it started: {}", stderr.lock().unwrap());
+}
+
+#[test]
+fn a_data_dir_in_use_exposed_or_damaged_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path());
+    let (code, err) = refused_start(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is in use by another process"), "{err}");
+    drop(running);
+
+    #[cfg(unix)]
+    for key in ["sealing.key", "jwt-signing-key.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join(key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (code, err) = refused_start(dir.path());
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!("run: chmod 600 {}", path.display())),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let key = dir.path().join("sealing.key");
+    let sealing = std::fs::read(&key).unwrap();
+    std::fs::write(&key, &sealing[..16]).unwrap();
+    let (code, err) = refused_start(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("16 bytes, but a sealing key is 32"), "{err}");
+    std::fs::write(&key, &sealing).unwrap();
+
+    // A truncated database makes redb's own checks panic: still a clear error.
+    let db = dir.path().join("payfence.redb");
+    let file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    file.set_len(4096).unwrap();
+    let (code, err) = refused_start(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("payfence.redb is damaged"), "{err}");
+    assert!(
+        err.contains("\"target\":\"payfence::panic\""),
+        "the panic is a JSON log line: {err}"
+    );
+    std::fs::write(&db, b"not a database at all").unwrap();
+    let (code, err) = refused_start(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("payfence.redb is damaged (not a database file)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dev_token_takes_any_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = u64::MAX.to_string();
+    let jwt = dev_token_with(
+        dir.path(),
+        &["--sub", "u", "--role", "admin", "--ttl", ttl.as_str()],
+    );
+    assert_eq!(jwt.split('.').count(), 3, "{jwt}");
 }

@@ -132,29 +132,3 @@ async fn sealing_key_from_env() -> Result<[u8; 32], ConfigError> {
             problem: "must be base64 of exactly 32 bytes".into(),
         })
 }
-
-/// Read a 0600 key file of `N` random bytes, creating it if missing.
-pub fn load_or_create_key(path: &Path, len: usize) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    match std::fs::read(path) {
-        Ok(k) if k.len() == len => return Ok(k),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} has the wrong length", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut key = vec![0u8; len];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(&key)?;
-    f.sync_all()?;
-    Ok(key)
-}

@@ -26,11 +26,39 @@ fn filter() -> Targets {
         .unwrap_or_else(|| "info".parse().expect("a valid filter"))
 }
 
+/// A panic is logged as an `ERROR` line of target `payfence::panic` with its message
+/// and location, instead of Rust's plain-text report, so that log queries and
+/// alarms see it.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            target: "payfence::panic",
+            panic = %panic_message(info.payload()),
+            location,
+            "panicked"
+        );
+    }));
+}
+
+/// The message a panic was raised with.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// JSON logs to stdout, a write per line, level from `RUST_LOG` (default `info`).
 /// For Lambda, which serves one request at a time: `tracing_subscriber`'s own JSON,
 /// which also lists the spans a line was logged in (the runtime's invocation span
 /// carries the AWS request id). Call once.
 pub fn init() {
+    log_panics();
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -49,6 +77,7 @@ pub fn init_with_writer<W>(writer: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    log_panics();
     let _ = tracing_subscriber::fmt()
         .event_format(JsonLine)
         .with_max_level(tracing::Level::TRACE)

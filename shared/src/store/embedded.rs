@@ -256,14 +256,45 @@ impl Drop for Shared {
     }
 }
 
+/// Open (or create) the database file, telling apart a file another process holds
+/// and a damaged one. redb asserts some of its file's invariants when it opens it (a
+/// truncated file fails one): that panic is a damaged file too.
+fn open_database(path: &Path) -> Result<redb::Database> {
+    let opened = std::panic::catch_unwind(|| {
+        redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+    });
+    let damaged = |why: String| {
+        StoreError::Unavailable(format!(
+            "{} is damaged ({why}); restore it from a backup or move it away",
+            path.display()
+        ))
+    };
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another process",
+            path.display()
+        ))),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)))) => {
+            Err(damaged(why))
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            Err(damaged("not a database file".into()))
+        }
+        Ok(Err(e)) => Err(StoreError::Unavailable(format!("{}: {e}", path.display()))),
+        Err(panic) => Err(damaged(crate::telemetry::panic_message(panic.as_ref()))),
+    }
+}
+
 impl EmbeddedStore {
     /// Open (or create) the database file at `path`, and its write-ahead log beside
     /// it (`.wal0`, `.wal1`); entries not yet in the database are replayed.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(unavailable)?;
+        let db = open_database(path)?;
         let txn = db.begin_write().map_err(unavailable)?;
         for def in ALL {
             txn.open_table(def).map_err(unavailable)?;
