@@ -197,6 +197,14 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
             "origin_url",
         ),
         (
+            json!({"name": "x", "origin_url": "https://[2002:7f00:1::]"}),
+            "origin_url",
+        ),
+        (
+            json!({"name": "x", "origin_url": "https://api.example.com:0"}),
+            "origin_url",
+        ),
+        (
             json!({"name": "x", "origin_url": "https://api.example.com", "site_requests_per_second": 0}),
             "site_requests_per_second",
         ),

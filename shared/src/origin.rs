@@ -27,14 +27,16 @@ pub fn is_public_ip(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local (incl. fd00:ec2::254)
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x0064 && s[1] == 0xff9b) // NAT64
-                || v6 == Ipv6Addr::from([0u16, 0, 0, 0, 0, 0, s[6], s[7]])) // v4-compatible
+            let embedded_v4 =
+                |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            // Global unicast is 2000::/3; everything else (loopback, unspecified,
+            // v4-compatible, NAT64, discard, unique local incl. fd00:ec2::254,
+            // link-local, multicast) is not public.
+            (s[0] & 0xe000) == 0x2000
+                && !(s[0] == 0x2001 && s[1] < 0x0200) // IETF protocol assignments, incl. Teredo
+                && !(s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                && !(s[0] == 0x3fff && s[1] < 0x1000) // documentation
+                && (s[0] != 0x2002 || is_public_v4(embedded_v4(s[1], s[2]))) // 6to4
         }
     }
 }
@@ -90,6 +92,9 @@ pub fn validate_origin_url(raw: &str, allow_private: bool) -> Result<String, Str
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err("must not contain a query or fragment".into());
+    }
+    if url.port() == Some(0) {
+        return Err("port must be between 1 and 65535".into());
     }
     match url.host() {
         None => return Err("must have a host".into()),
@@ -210,6 +215,8 @@ mod tests {
             "https://user:pw@api.example.com",
             "ftp://api.example.com",
             "https://api.example.com/?a=1",
+            "https://api.example.com:0",
+            "https://[2002:7f00:1::]",
             "not a url",
         ] {
             assert!(validate_origin_url(bad, false).is_err(), "{bad}");
@@ -235,7 +242,13 @@ mod tests {
 
     #[test]
     fn public_ips() {
-        for ip in ["8.8.8.8", "2606:4700::1111", "52.1.2.3"] {
+        for ip in [
+            "8.8.8.8",
+            "2606:4700::1111",
+            "52.1.2.3",
+            "2a00:1450:4001::200e",
+            "2002:808:808::1", // 6to4 of 8.8.8.8
+        ] {
             assert!(is_public_ip(ip.parse().unwrap()), "{ip}");
         }
         for ip in [
@@ -246,6 +259,16 @@ mod tests {
             "fe80::1",
             "::",
             "240.0.0.1",
+            "2002:7f00:1::",       // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::",    // 6to4 of 169.254.169.254
+            "2001:0:4136:e378::1", // Teredo
+            "2001:2::1",           // benchmarking
+            "3fff::1",             // documentation
+            "100::1",              // discard
+            "::7f00:1",            // v4-compatible
+            "64:ff9b::a9fe:a9fe",  // NAT64
+            "ff02::1",
+            "fd00:ec2::254",
         ] {
             assert!(!is_public_ip(ip.parse().unwrap()), "{ip}");
         }
