@@ -127,6 +127,13 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         header(&res, "content-type"),
         Some("application/problem+json")
     );
+    // Other JSON values than an object (serde would take a struct from an array).
+    for body in [r#"["x", "GET", "/"]"#, "5", r#""x""#, "null", " "] {
+        let res = raw(body).await.unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let p: Value = res.json().await.unwrap();
+        assert_eq!(p["detail"], "the body must be a JSON object", "{body}");
+    }
     let res = raw(r#"{"token": "x", "path": "/"}"#).await.unwrap();
     assert_eq!(res.status(), 422);
     let p: Value = res.json().await.unwrap();

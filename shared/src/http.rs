@@ -505,8 +505,16 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
-/// Parse a JSON body: syntax errors are 400, wrong or missing fields 422 naming them.
+/// Parse a JSON object body: syntax errors and other JSON values are 400, wrong or
+/// missing fields 422 naming them.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // serde would also take a struct from an array of its fields, and name a
+    // top-level value of the wrong type as if it were a field.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
