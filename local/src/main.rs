@@ -52,6 +52,30 @@ enum Command {
     },
 }
 
+/// Raise the soft limit on open files to the hard limit, as Go's runtime does: every
+/// proxied request holds two sockets, and many systems start processes with a soft
+/// limit of 1,024 (macOS: 256) and a far higher hard one. Best effort.
+#[cfg(unix)]
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let soft = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                // macOS refuses more than OPEN_MAX (10,240) whatever the hard limit.
+                limit.rlim_cur = limit.rlim_max.min(10_240).max(soft);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::DevToken {
@@ -77,6 +101,8 @@ fn main() -> ExitCode {
             }
         };
     }
+    #[cfg(unix)]
+    raise_open_files_limit();
     match server::runtime().expect("tokio runtime").block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -43,14 +43,22 @@ fn collect(
 }
 
 fn start(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payfence-local"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_payfence-local"));
+    command
         .args([
             "--listen",
             "127.0.0.1:0",
             "--allow-http-origins",
             "--data-dir",
         ])
-        .arg(dir)
+        .arg(dir);
+    start_command(command)
+}
+
+/// Start `command` (the binary, or a shell that runs it) and wait for its
+/// listening line.
+fn start_command(mut command: Command) -> Server {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -424,4 +432,39 @@ fn dev_token_takes_any_lifetime() {
         &["--sub", "u", "--role", "admin", "--ttl", ttl.as_str()],
     );
     assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+}
+
+/// The server raises its soft limit on open files to the hard limit (every proxied
+/// request holds two sockets).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let shell = |script: &str| {
+        let out = Command::new("bash").args(["-c", script]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let Ok(hard) = shell("ulimit -Hn").parse::<u64>() else {
+        return; // unlimited: nothing to compare with
+    };
+    if hard <= 256 {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new("bash");
+    command
+        .args([
+            "-c",
+            r#"ulimit -Sn 256 && exec "$0" --listen 127.0.0.1:0 --data-dir "$1""#,
+            env!("CARGO_BIN_EXE_payfence-local"),
+        ])
+        .arg(dir.path());
+    let server = start_command(command);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(soft, hard, "{limits}");
 }
