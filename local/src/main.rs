@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use payfence_core::auth::Role;
 use payfence_core::config::Config;
 use payfence_local::{server, start_demo, Issuer, Local};
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -153,21 +154,28 @@ Health:
         );
     }
     println!("PayFence listening on {base}");
-    // Ctrl-C or SIGTERM: stop accepting, finish requests in flight, flush the logs.
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let term = async {
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => term.recv().await,
-                Err(_) => std::future::pending().await,
+    // Ctrl-C or SIGTERM: stop accepting, let requests in flight finish (within
+    // PAYFENCE_SHUTDOWN_GRACE_MS), flush the logs. A second one: close at once.
+    let (count, signals) = tokio::sync::watch::channel(0u32);
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
+            count.send_modify(|n| *n += 1);
+        }
+    });
+    let nth_signal = |n: u32| {
+        let mut signals = signals.clone();
+        async move {
+            let _ = signals.wait_for(|seen| *seen >= n).await;
         }
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    server::run(listener, Arc::new(local), threads, shutdown).await?;
+    let (shutdown, force) = (nth_signal(1), nth_signal(2));
+    server::run(listener, Arc::new(local), threads, shutdown, force).await?;
     Ok(())
 }

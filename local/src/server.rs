@@ -43,16 +43,28 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Where a server is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Not accepting; the requests in flight may finish (within the grace period).
+    Draining,
+    /// Close every connection now.
+    Closing,
+}
+
 /// Serve every router of `local` on `listener` with `threads` threads (this one
-/// included) until `shutdown` resolves; then stop accepting, finish the requests in
-/// flight on every thread, and return.
+/// included) until `shutdown` resolves; then stop accepting and let the requests in
+/// flight finish on every thread, for up to `Config::shutdown_grace` or until `force`
+/// resolves, whichever comes first; then close the connections left, and return.
 pub async fn run(
     listener: TcpListener,
     local: Arc<Local>,
     threads: usize,
     shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = watch::channel(Phase::Serving);
     let mut queues = Vec::new();
     let mut handles = Vec::new();
     for i in 1..threads {
@@ -70,7 +82,17 @@ pub async fn run(
     let here = serve(rx, &local, stopped);
     let stopping = async {
         shutdown.await;
-        let _ = stop.send(true);
+        let _ = stop.send(Phase::Draining);
+        let grace = tokio::time::sleep(local.state.config.shutdown_grace);
+        tokio::select! {
+            _ = grace => tracing::warn!(
+                grace_ms = local.state.config.shutdown_grace.as_millis() as u64,
+                "requests still in flight at the end of the shutdown grace period: closing"
+            ),
+            _ = force => tracing::warn!("asked again to stop: closing the connections left"),
+            _ = stop.closed() => return, // every thread is done
+        }
+        let _ = stop.send(Phase::Closing);
     };
     tokio::join!(stopping, acceptor, here);
     for handle in handles {
@@ -85,12 +107,12 @@ pub async fn run(
 async fn accept(
     listener: TcpListener,
     queues: Vec<mpsc::UnboundedSender<Handoff>>,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<Phase>,
 ) {
     let mut next = 0;
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => return,
+            _ = stopped.wait_for(|p| *p >= Phase::Draining) => return,
             accepted = next_connection(&listener) => accepted,
         };
         match stream.into_std() {
@@ -192,17 +214,17 @@ pub async fn serve_listener(listener: TcpListener, local: &Local) -> std::io::Re
     }
 }
 
-/// Serve the connections handed to this thread until `stopped`, then finish the
-/// requests in flight.
+/// Serve the connections handed to this thread until told to stop, then finish the
+/// requests in flight unless told to close.
 async fn serve(
     mut rx: mpsc::UnboundedReceiver<Handoff>,
     local: &Local,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<Phase>,
 ) {
     let connections = Connections::new(local);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => break,
+            _ = stopped.wait_for(|p| *p >= Phase::Draining) => break,
             handed = rx.recv() => match handed {
                 Some(handed) => handed,
                 None => break,
@@ -213,5 +235,9 @@ async fn serve(
             Err(e) => tracing::warn!(error = %e, "taking over a connection failed"),
         }
     }
-    connections.shutdown().await;
+    tokio::select! {
+        () = connections.shutdown() => {}
+        // The connections' tasks end with this thread's runtime.
+        _ = stopped.wait_for(|p| *p == Phase::Closing) => {}
+    }
 }

@@ -468,3 +468,75 @@ fn the_open_files_limit_is_raised_to_the_hard_limit() {
         .unwrap();
     assert_eq!(soft, hard, "{limits}");
 }
+
+/// Once asked to stop, the server lets requests in flight finish for
+/// `PAYFENCE_SHUTDOWN_GRACE_MS`, or until it is asked a second time; then it closes
+/// the connections left and exits cleanly.
+#[tokio::test]
+async fn the_grace_period_or_a_second_signal_ends_requests_that_never_finish() {
+    use futures_util::StreamExt;
+    for (grace_ms, signals) in [("1000", 1), ("600000", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_payfence-local"));
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-http-origins",
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .env("PAYFENCE_SHUTDOWN_GRACE_MS", grace_ms);
+        let mut server = start_command(command);
+        let jwt = dev_token(dir.path(), "alice", "site_owner");
+        let http = client();
+        let (site, token, origin) = provision(&http, &server.base, &jwt).await;
+        // An upload that never ends: the origin waits for the rest of the body.
+        let body = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"start"))
+        })
+        .chain(futures_util::stream::pending());
+        let upload = http
+            .post(format!(
+                "{}/p/{}/upload",
+                server.base,
+                site["site_id"].as_str().unwrap()
+            ))
+            .bearer_auth(&token)
+            .body(reqwest::Body::wrap_stream(body))
+            .send();
+        let upload = tokio::spawn(upload);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        for _ in 0..signals {
+            let pid = server.child.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "grace {grace_ms} ms, {signals} signal(s): still running after 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "{status:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100)); // the last lines
+        let logs = server.stderr.lock().unwrap().clone();
+        let why = if signals == 1 {
+            "at the end of the shutdown grace period"
+        } else {
+            "asked again to stop"
+        };
+        assert!(logs.contains(why), "{logs}");
+        assert!(upload.await.unwrap().is_err(), "the upload was cut");
+        assert_eq!(origin.count(), 0, "the origin never got the whole body");
+    }
+}

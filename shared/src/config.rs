@@ -30,6 +30,9 @@ pub struct Config {
     /// Local server: how long a client may take to send a request's headers, which
     /// also closes keep-alive connections idle that long (in AWS, CloudFront does this).
     pub client_header_timeout: Duration,
+    /// Local server: how long requests in flight may take to finish once it is asked
+    /// to stop (Ctrl-C, SIGTERM); then their connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Config {
@@ -43,6 +46,7 @@ impl Default for Config {
             rotation_overlap_secs: 86_400,
             dashboard_origins: Vec::new(),
             client_header_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -123,6 +127,7 @@ impl Config {
                 "PAYFENCE_CLIENT_HEADER_TIMEOUT_MS",
                 d.client_header_timeout,
             )?,
+            shutdown_grace: ms("PAYFENCE_SHUTDOWN_GRACE_MS", d.shutdown_grace)?,
         };
         if c.cache_ttl > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {
