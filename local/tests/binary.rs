@@ -18,6 +18,34 @@ struct Server {
     stderr: Arc<Mutex<String>>,
 }
 
+impl Server {
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Wait (up to 30 s) for the server to exit: its status and its logs.
+    async fn exited(&mut self) -> (std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running 30 s later"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100)); // the last lines
+        (status, self.stderr.lock().unwrap().clone())
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -43,6 +71,11 @@ fn collect(
 }
 
 fn start(dir: &Path) -> Server {
+    start_command(server_command(dir))
+}
+
+/// The command that starts the server on `dir`, on a free port.
+fn server_command(dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_payfence-local"));
     command
         .args([
@@ -52,7 +85,7 @@ fn start(dir: &Path) -> Server {
             "--data-dir",
         ])
         .arg(dir);
-    start_command(command)
+    command
 }
 
 /// Start `command` (the binary, or a shell that runs it) and wait for its
@@ -324,28 +357,12 @@ async fn sigterm_finishes_requests_in_flight_on_every_thread_then_exits() {
         })
         .collect();
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    server.sigterm();
     for request in in_flight {
         assert_eq!(request.await.unwrap().unwrap().status(), 200);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running 30 s after SIGTERM"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let (status, logs) = server.exited().await;
     assert!(status.success(), "{status:?}");
-    std::thread::sleep(std::time::Duration::from_millis(100)); // the last lines
-    let logs = server.stderr.lock().unwrap().clone();
     assert_eq!(logs.matches("\"route\":\"/p/").count(), 8, "{logs}");
 }
 
@@ -477,16 +494,8 @@ async fn the_grace_period_or_a_second_signal_ends_requests_that_never_finish() {
     use futures_util::StreamExt;
     for (grace_ms, signals) in [("1000", 1), ("600000", 2)] {
         let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_payfence-local"));
-        command
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--allow-http-origins",
-                "--data-dir",
-            ])
-            .arg(dir.path())
-            .env("PAYFENCE_SHUTDOWN_GRACE_MS", grace_ms);
+        let mut command = server_command(dir.path());
+        command.env("PAYFENCE_SHUTDOWN_GRACE_MS", grace_ms);
         let mut server = start_command(command);
         let jwt = dev_token(dir.path(), "alice", "site_owner");
         let http = client();
@@ -508,28 +517,11 @@ async fn the_grace_period_or_a_second_signal_ends_requests_that_never_finish() {
         let upload = tokio::spawn(upload);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         for _ in 0..signals {
-            let pid = server.child.id().to_string();
-            assert!(Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success());
+            server.sigterm();
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "grace {grace_ms} ms, {signals} signal(s): still running after 30 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let (status, logs) = server.exited().await;
         assert!(status.success(), "{status:?}");
-        std::thread::sleep(std::time::Duration::from_millis(100)); // the last lines
-        let logs = server.stderr.lock().unwrap().clone();
         let why = if signals == 1 {
             "at the end of the shutdown grace period"
         } else {
