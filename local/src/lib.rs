@@ -314,6 +314,7 @@ pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
                 webhook_secret_sealed: None,
                 created_at: now,
                 updated_at: now,
+                revision: 0,
             };
             store.create_site(&site).await?;
             (site, secret)

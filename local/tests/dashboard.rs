@@ -469,6 +469,98 @@ async fn rotation_signs_with_both_secrets_during_the_overlap() {
     );
 }
 
+/// Concurrent changes to a site cannot undo each other: one made from a site that
+/// another changed meanwhile is refused with 409, so a secret shown to the owner is
+/// never silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_site_changes_never_lose_a_shown_secret() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let rotate = || {
+        app.http
+            .post(app.url(&format!("/api/sites/{}/signing-secret/rotate", s.site_id)))
+            .bearer_auth(&s.owner)
+            .json(&json!({"overlap_seconds": 3600}))
+            .send()
+    };
+    let rename = |i: usize| {
+        app.http
+            .patch(app.url(&format!("/api/sites/{}", s.site_id)))
+            .bearer_auth(&s.owner)
+            .json(&json!({"name": format!("renamed {i}")}))
+            .send()
+    };
+    let rotations = futures_util::future::join_all((0..8).map(|_| rotate()));
+    let renames = futures_util::future::join_all((0..8).map(rename));
+    let (rotations, renames) = tokio::join!(rotations, renames);
+    let mut shown = Vec::new();
+    for res in rotations.into_iter().chain(renames).map(Result::unwrap) {
+        match res.status().as_u16() {
+            200 => {
+                let body: Value = res.json().await.unwrap();
+                if let Some(secret) = body["signing_secret"].as_str() {
+                    shown.push(secret.to_owned());
+                }
+            }
+            409 => {
+                let p: Value = res.json().await.unwrap();
+                assert_eq!(p["type"], "https://payfence.io/problems/conflict");
+                assert!(p["detail"].as_str().unwrap().contains("retry"), "{p}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert!(!shown.is_empty(), "at least one rotation went through");
+
+    // What the proxy signs with now: the last rotation's secret and, in the overlap,
+    // the one before, which is the creation secret or an earlier rotation's.
+    let (listener, addr) = bind_origin().await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen2 = seen.clone();
+    let capture = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        *seen2.lock().unwrap() = Some(req.headers().clone());
+        async { "ok" }
+    });
+    tokio::spawn(async move { axum::serve(listener, capture).await.unwrap() });
+    let res = rename_origin(&app, &s, &format!("http://{addr}")).await;
+    assert_eq!(res, 200);
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/x", &s.token).await.status(),
+        200
+    );
+    let headers = seen.lock().unwrap().clone().unwrap();
+    let sig = headers["x-payfence-signature"].to_str().unwrap().to_owned();
+    let ts = headers["x-payfence-timestamp"].to_str().unwrap().to_owned();
+    let now: u64 = ts.parse().unwrap();
+    let signs = |secret: &str| {
+        payfence_signing::Verifier::new(secret)
+            .verify("GET", "/x", Some(&ts), Some(&sig), now)
+            .is_ok()
+    };
+    let signing: Vec<&String> = shown.iter().filter(|s| signs(s)).collect();
+    let expected = if shown.len() == 1 { 1 } else { 2 };
+    assert_eq!(
+        signing.len(),
+        expected,
+        "{} rotations went through; the proxy signs with {} of their secrets",
+        shown.len(),
+        signing.len()
+    );
+    assert_eq!(signs(&s.secret), shown.len() == 1, "the creation secret");
+}
+
+async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
+    app.http
+        .patch(app.url(&format!("/api/sites/{}", s.site_id)))
+        .bearer_auth(&s.owner)
+        .json(&json!({"origin_url": origin_url}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 #[tokio::test]
 async fn logs_filter_paginate_and_export() {
     let app = spawn_app().await;

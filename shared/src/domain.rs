@@ -31,6 +31,10 @@ pub struct Site {
     pub webhook_secret_sealed: Option<String>,
     pub created_at: u64,
     pub updated_at: u64,
+    /// Counts the updates: an update made from a site as read applies only if nobody
+    /// changed the site meanwhile (see `SiteStore::update_site`).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -158,6 +158,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
+            StoreError::Changed(what) => Self::Conflict(format!(
+                "{what} was changed by another request meanwhile; read it again and retry"
+            )),
             StoreError::InvalidCursor => Self::invalid("cursor", "not a cursor from this query"),
             other => Self::Unavailable(other.to_string()),
         }

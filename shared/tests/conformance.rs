@@ -29,6 +29,7 @@ fn site(owner: &str) -> Site {
         webhook_secret_sealed: None,
         created_at: 1,
         updated_at: 1,
+        revision: 0,
     }
 }
 
@@ -125,13 +126,38 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
     ));
     assert_eq!(store.get_site(&a.site_id).await.unwrap(), Some(a.clone()));
     assert_eq!(store.get_site("site_0000000000000000").await.unwrap(), None);
+    // Updates apply over the revision they were made from, and count it up; one
+    // made from a site someone changed since is refused, whatever it changes.
     let mut a2 = a.clone();
     a2.name = "renamed".into();
     store.update_site(&a2).await.unwrap();
+    let stored = store.get_site(&a.site_id).await.unwrap().unwrap();
+    assert_eq!((stored.name.as_str(), stored.revision), ("renamed", 1));
+    let mut stale = a.clone();
+    stale.signing_secret_sealed = "rotated".into();
+    assert!(matches!(
+        store.update_site(&stale).await,
+        Err(StoreError::Changed(_))
+    ));
+    let mut again = stored.clone();
+    again.signing_secret_sealed = "rotated".into();
+    store.update_site(&again).await.unwrap();
+    let stored = store.get_site(&a.site_id).await.unwrap().unwrap();
     assert_eq!(
-        store.get_site(&a.site_id).await.unwrap().unwrap().name,
-        "renamed"
+        (
+            stored.name.as_str(),
+            stored.signing_secret_sealed.as_str(),
+            stored.revision
+        ),
+        ("renamed", "rotated", 2)
     );
+    let mut unknown = site(&owner);
+    unknown.revision = 0;
+    assert!(matches!(
+        store.update_site(&unknown).await,
+        Err(StoreError::Changed(_))
+    ));
+    assert_eq!(store.get_site(&unknown.site_id).await.unwrap(), None);
     let mine = store.list_sites(Some(&owner)).await.unwrap();
     assert_eq!(mine.len(), 2);
     assert!(store.list_sites(Some("nobody")).await.unwrap().is_empty());

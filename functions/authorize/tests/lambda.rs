@@ -87,6 +87,7 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
         webhook_secret_sealed: None,
         created_at: now,
         updated_at: now,
+        revision: 0,
     };
     store.create_site(&site).await.unwrap();
     let plan_id = ids::plan_id();

@@ -297,6 +297,7 @@ async fn create_site(
         site_id,
         created_at: now,
         updated_at: now,
+        revision: 0,
     };
     st.store().create_site(&site).await?;
     trail(&st, &p, "site.create", Some(&site.site_id), None).await?;

@@ -715,7 +715,36 @@ impl SiteStore for DynamoStore {
         self.put_new(site_item(site), &site.site_id).await
     }
     async fn update_site(&self, site: &Site) -> Result<()> {
-        self.put_item(site_item(site)).await
+        let read_at = site.revision;
+        let site = Site {
+            revision: read_at + 1,
+            ..site.clone()
+        };
+        // Sites written before revisions existed have no `rev`: revision 0.
+        let condition = if read_at == 0 {
+            "attribute_exists(pk) AND (attribute_not_exists(rev) OR rev = :read)"
+        } else {
+            "rev = :read"
+        };
+        match self
+            .client
+            .put_item()
+            .table_name(&*self.table)
+            .set_item(Some(site_item(&site)))
+            .condition_expression(condition)
+            .expression_attribute_values(":read", n(read_at))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Changed(site.site_id))
+            }
+            Err(e) => Err(sdk(e)),
+        }
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)
@@ -803,6 +832,7 @@ fn site_item(site: &Site) -> Item {
     let mut item = key(format!("SITE#{}", site.site_id), "SITE");
     item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
     item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
+    item.insert("rev".into(), n(site.revision));
     with_data(item, site)
 }
 

@@ -507,7 +507,19 @@ impl SiteStore for EmbeddedStore {
             .await
     }
     async fn update_site(&self, site: &Site) -> Result<()> {
-        self.put(SITES, site.site_id.clone(), encode(site)).await
+        let mut site = site.clone();
+        self.write(move |txn| {
+            let mut t = txn.open_table(SITES).map_err(unavailable)?;
+            match get::<Site>(&t, &site.site_id)? {
+                Some(stored) if stored.revision == site.revision => {}
+                _ => return Ok(Err(StoreError::Changed(site.site_id))),
+            }
+            site.revision += 1;
+            t.insert(site.site_id.as_str(), encode(&site).as_slice())
+                .map_err(unavailable)?;
+            Ok(Ok(()))
+        })
+        .await?
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.read_table(SITES, |t| get(t, site_id))

@@ -24,6 +24,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("already exists: {0}")]
     Conflict(String),
+    #[error("changed meanwhile: {0}")]
+    Changed(String),
     #[error("not a cursor of this query")]
     InvalidCursor,
 }
@@ -109,6 +111,10 @@ pub enum Counted {
 #[async_trait]
 pub trait SiteStore: Send + Sync {
     async fn create_site(&self, site: &Site) -> Result<()>;
+    /// Store `site`, read at `site.revision` and changed, as revision
+    /// `site.revision + 1`, if the stored site is still at `site.revision`;
+    /// otherwise `Changed` (another update came first: read it again). So concurrent
+    /// updates (a rotation and a settings change) cannot undo each other.
     async fn update_site(&self, site: &Site) -> Result<()>;
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>>;
     /// All sites, or those of one owner.
