@@ -977,10 +977,28 @@ impl AuditStore for EmbeddedStore {
                 }
                 .map_err(unavailable)?;
             }
+            purge_quiet_failed_attempts(txn, now_s * 1000)?;
             Ok(purged)
         })
         .await
     }
+}
+
+/// Drop the failed-attempt counters of clients with none in the last minute: one
+/// exists per client that ever sent a bad token (the DynamoDB store's expire by TTL).
+fn purge_quiet_failed_attempts(txn: &WriteTransaction, now_ms: u64) -> Result<()> {
+    let mut t = txn.open_table(FAILED).map_err(unavailable)?;
+    let mut quiet = Vec::new();
+    for row in t.iter().map_err(unavailable)? {
+        let (k, v) = row.map_err(unavailable)?;
+        if decode::<SlidingWindow>(v.value())?.used(now_ms) == 0 {
+            quiet.push(k.value().to_owned());
+        }
+    }
+    for k in quiet {
+        t.remove(k.as_str()).map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// A record waiting to be emitted, ordered by its key.
@@ -1122,6 +1140,45 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn retention_also_drops_quiet_failed_attempt_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
+        let now_ms = 1_795_000_020_000;
+        let audit = |ts_ms| AuditRecord {
+            id: crate::ids::log_id(),
+            timestamp: String::new(),
+            ts_ms,
+            site_id: "site_a".into(),
+            token_id: None,
+            plan: None,
+            method: "GET".into(),
+            path: "/".into(),
+            decision: DecisionKind::Deny,
+            reason: Some(Reason::InvalidToken),
+            remaining: None,
+            latency_ms: 0.0,
+            mode: crate::domain::Mode::Proxy,
+            expires_at: u64::MAX,
+        };
+        for (client, ts_ms) in [("old", now_ms - 130_000), ("recent", now_ms - 30_000)] {
+            store
+                .record_failed_attempt("site_a", Some(client), audit(ts_ms))
+                .await
+                .unwrap();
+        }
+        store.purge_expired(now_ms / 1000).await.unwrap();
+        let left: Vec<String> = store
+            .read_table(FAILED, |t| {
+                Ok(t.iter()
+                    .unwrap()
+                    .map(|row| row.unwrap().0.value().to_owned())
+                    .collect())
+            })
+            .unwrap();
+        assert_eq!(left, ["site_a/recent"]);
+    }
 
     #[test]
     fn a_checkpoint_writes_each_key_once_with_the_same_end_state() {

@@ -176,7 +176,9 @@ pub trait AuditStore: Send + Sync {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<AuditRecord>>;
-    /// Delete records whose retention ended before `now_s`; returns how many.
+    /// Delete records whose retention ended before `now_s`; returns how many. Also
+    /// drops other state that has expired by then (the failed-attempt counters of
+    /// clients quiet for a minute), where the store has no TTL of its own.
     async fn purge_expired(&self, now_s: u64) -> Result<u64>;
 }
 
