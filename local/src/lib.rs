@@ -331,8 +331,9 @@ pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
                 monthly_quota: 1000,
                 created_at: now,
                 updated_at: now,
+                revision: 0,
             };
-            store.put_plan(&p).await?;
+            store.create_plan(&p).await?;
             p
         }
     };

@@ -46,6 +46,9 @@ pub struct Plan {
     pub monthly_quota: u64,
     pub created_at: u64,
     pub updated_at: u64,
+    /// Counts the updates, as `Site::revision` does.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl Plan {

@@ -42,6 +42,7 @@ fn plan(site_id: &str, rpm: u64, quota: u64) -> Plan {
         monthly_quota: quota,
         created_at: 1,
         updated_at: 1,
+        revision: 0,
     }
 }
 
@@ -164,8 +165,8 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
     assert!(store.list_sites(None).await.unwrap().len() >= 2);
 
     let p = plan(&a.site_id, 60, 1000);
-    store.put_plan(&p).await.unwrap();
-    store.put_plan(&plan(&a.site_id, 10, 5)).await.unwrap();
+    store.create_plan(&p).await.unwrap();
+    store.create_plan(&plan(&a.site_id, 10, 5)).await.unwrap();
     assert_eq!(
         store.get_plan(&a.site_id, &p.plan_id).await.unwrap(),
         Some(p.clone())
@@ -173,6 +174,37 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
     assert_eq!(store.get_plan(&b.site_id, &p.plan_id).await.unwrap(), None);
     assert_eq!(store.list_plans(&a.site_id).await.unwrap().len(), 2);
     assert!(store.list_plans(&b.site_id).await.unwrap().is_empty());
+    assert!(matches!(
+        store.create_plan(&p).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Plans are updated over the revision they were read at, as sites are.
+    let mut p2 = p.clone();
+    p2.monthly_quota = 2000;
+    store.update_plan(&p2).await.unwrap();
+    let mut stale = p.clone();
+    stale.requests_per_minute = 120;
+    assert!(matches!(
+        store.update_plan(&stale).await,
+        Err(StoreError::Changed(_))
+    ));
+    let stored = store
+        .get_plan(&a.site_id, &p.plan_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            stored.monthly_quota,
+            stored.requests_per_minute,
+            stored.revision
+        ),
+        (2000, 60, 1)
+    );
+    assert!(matches!(
+        store.update_plan(&plan(&a.site_id, 10, 5)).await,
+        Err(StoreError::Changed(_))
+    ));
     store.ping().await.unwrap();
 }
 
@@ -180,7 +212,7 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
     let s = site("o");
     store.create_site(&s).await.unwrap();
     let p = plan(&s.site_id, 60, 1000);
-    store.put_plan(&p).await.unwrap();
+    store.create_plan(&p).await.unwrap();
     let consumer = format!("c-{}", ids::log_id());
     let t1 = token(&s.site_id, &p.plan_id, Some(&consumer));
     let t2 = token(&s.site_id, &p.plan_id, None);
@@ -289,7 +321,7 @@ async fn setup(store: &Arc<dyn Store>, rpm: u64, quota: u64) -> (Site, Plan, Tok
     let s = site("o");
     store.create_site(&s).await.unwrap();
     let p = plan(&s.site_id, rpm, quota);
-    store.put_plan(&p).await.unwrap();
+    store.create_plan(&p).await.unwrap();
     let t = token(&s.site_id, &p.plan_id, None);
     store.create_token(&t).await.unwrap();
     (s, p, t)

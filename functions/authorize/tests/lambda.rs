@@ -99,8 +99,9 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
         monthly_quota: 1000,
         created_at: now,
         updated_at: now,
+        revision: 0,
     };
-    store.put_plan(&plan).await.unwrap();
+    store.create_plan(&plan).await.unwrap();
     let api_key = ids::api_key();
     let key = ApiKey {
         key_id: ids::key_id(),

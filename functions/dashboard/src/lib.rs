@@ -526,8 +526,9 @@ async fn create_plan(
         monthly_quota: check_quota(b.monthly_quota)?,
         created_at: now,
         updated_at: now,
+        revision: 0,
     };
-    st.store().put_plan(&plan).await?;
+    st.store().create_plan(&plan).await?;
     trail(&st, &p, "plan.create", Some(&site_id), Some(&plan.plan_id)).await?;
     Ok(json(StatusCode::CREATED, &plan_view(&plan)))
 }
@@ -593,7 +594,7 @@ async fn update_plan(
         plan.monthly_quota = check_quota(v)?;
     }
     plan.updated_at = now_ms() / 1000;
-    st.store().put_plan(&plan).await?;
+    st.store().update_plan(&plan).await?;
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "plan.update", Some(&site_id), Some(&plan_id)).await?;
     Ok(json(StatusCode::OK, &plan_view(&plan)))

@@ -369,6 +369,36 @@ impl DynamoStore {
         }
     }
 
+    /// Put `item` (of revision `read_at + 1`, in `rev`) only over the item of revision
+    /// `read_at`; `Changed` otherwise. Items written before revisions existed have no
+    /// `rev`: revision 0.
+    async fn put_at_revision(&self, item: Item, read_at: u64, what: &str) -> Result<()> {
+        let condition = if read_at == 0 {
+            "attribute_exists(pk) AND (attribute_not_exists(rev) OR rev = :read)"
+        } else {
+            "rev = :read"
+        };
+        match self
+            .client
+            .put_item()
+            .table_name(&*self.table)
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .expression_attribute_values(":read", n(read_at))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Changed(what.into()))
+            }
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
     /// Every item of a query (all pages).
     async fn query_all(
         &self,
@@ -715,36 +745,12 @@ impl SiteStore for DynamoStore {
         self.put_new(site_item(site), &site.site_id).await
     }
     async fn update_site(&self, site: &Site) -> Result<()> {
-        let read_at = site.revision;
-        let site = Site {
-            revision: read_at + 1,
+        let next = Site {
+            revision: site.revision + 1,
             ..site.clone()
         };
-        // Sites written before revisions existed have no `rev`: revision 0.
-        let condition = if read_at == 0 {
-            "attribute_exists(pk) AND (attribute_not_exists(rev) OR rev = :read)"
-        } else {
-            "rev = :read"
-        };
-        match self
-            .client
-            .put_item()
-            .table_name(&*self.table)
-            .set_item(Some(site_item(&site)))
-            .condition_expression(condition)
-            .expression_attribute_values(":read", n(read_at))
-            .send()
+        self.put_at_revision(site_item(&next), site.revision, &site.site_id)
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(StoreError::Changed(site.site_id))
-            }
-            Err(e) => Err(sdk(e)),
-        }
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)
@@ -795,15 +801,16 @@ impl SiteStore for DynamoStore {
 
 #[async_trait]
 impl PlanStore for DynamoStore {
-    async fn put_plan(&self, plan: &Plan) -> Result<()> {
-        self.put_item(with_data(
-            key(
-                format!("SITE#{}", plan.site_id),
-                format!("PLAN#{}", plan.plan_id),
-            ),
-            plan,
-        ))
-        .await
+    async fn create_plan(&self, plan: &Plan) -> Result<()> {
+        self.put_new(plan_item(plan), &plan.plan_id).await
+    }
+    async fn update_plan(&self, plan: &Plan) -> Result<()> {
+        let next = Plan {
+            revision: plan.revision + 1,
+            ..plan.clone()
+        };
+        self.put_at_revision(plan_item(&next), plan.revision, &plan.plan_id)
+            .await
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.get_item(
@@ -834,6 +841,15 @@ fn site_item(site: &Site) -> Item {
     item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
     item.insert("rev".into(), n(site.revision));
     with_data(item, site)
+}
+
+fn plan_item(plan: &Plan) -> Item {
+    let mut item = key(
+        format!("SITE#{}", plan.site_id),
+        format!("PLAN#{}", plan.plan_id),
+    );
+    item.insert("rev".into(), n(plan.revision));
+    with_data(item, plan)
 }
 
 fn token_item(t: &Token) -> Item {

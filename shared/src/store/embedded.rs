@@ -423,6 +423,30 @@ impl EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Store `record`, read at the revision it carries, at `key` as the next revision,
+    /// if the stored record is still at that revision; otherwise `Changed`.
+    async fn update_at_revision<T: Serialize + DeserializeOwned + Send + 'static>(
+        &self,
+        def: Def,
+        key: String,
+        mut record: T,
+        revision: fn(&mut T) -> &mut u64,
+    ) -> Result<()> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(def).map_err(unavailable)?;
+            let stored_at = get::<T>(&t, &key)?.map(|mut stored| *revision(&mut stored));
+            if stored_at != Some(*revision(&mut record)) {
+                let id = key.rsplit('/').next().unwrap_or_default();
+                return Ok(Err(StoreError::Changed(id.to_owned())));
+            }
+            *revision(&mut record) += 1;
+            t.insert(key.as_str(), encode(&record).as_slice())
+                .map_err(unavailable)?;
+            Ok(Ok(()))
+        })
+        .await?
+    }
+
     /// Set the `revoked_at` of the record at `key` (once); the record, if it exists.
     async fn revoke<T: Serialize + DeserializeOwned + Send + 'static>(
         &self,
@@ -507,19 +531,10 @@ impl SiteStore for EmbeddedStore {
             .await
     }
     async fn update_site(&self, site: &Site) -> Result<()> {
-        let mut site = site.clone();
-        self.write(move |txn| {
-            let mut t = txn.open_table(SITES).map_err(unavailable)?;
-            match get::<Site>(&t, &site.site_id)? {
-                Some(stored) if stored.revision == site.revision => {}
-                _ => return Ok(Err(StoreError::Changed(site.site_id))),
-            }
-            site.revision += 1;
-            t.insert(site.site_id.as_str(), encode(&site).as_slice())
-                .map_err(unavailable)?;
-            Ok(Ok(()))
+        self.update_at_revision(SITES, site.site_id.clone(), site.clone(), |s| {
+            &mut s.revision
         })
-        .await?
+        .await
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.read_table(SITES, |t| get(t, site_id))
@@ -541,13 +556,18 @@ impl SiteStore for EmbeddedStore {
 
 #[async_trait]
 impl PlanStore for EmbeddedStore {
-    async fn put_plan(&self, plan: &Plan) -> Result<()> {
-        self.put(
+    async fn create_plan(&self, plan: &Plan) -> Result<()> {
+        self.insert_new(
             PLANS,
             format!("{}/{}", plan.site_id, plan.plan_id),
             encode(plan),
         )
         .await
+    }
+    async fn update_plan(&self, plan: &Plan) -> Result<()> {
+        let key = format!("{}/{}", plan.site_id, plan.plan_id);
+        self.update_at_revision(PLANS, key, plan.clone(), |p| &mut p.revision)
+            .await
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.read_table(PLANS, |t| get(t, &format!("{site_id}/{plan_id}")))

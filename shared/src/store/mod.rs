@@ -123,7 +123,10 @@ pub trait SiteStore: Send + Sync {
 
 #[async_trait]
 pub trait PlanStore: Send + Sync {
-    async fn put_plan(&self, plan: &Plan) -> Result<()>;
+    async fn create_plan(&self, plan: &Plan) -> Result<()>;
+    /// Store `plan` over the stored one if that is still at `plan.revision`, as
+    /// `SiteStore::update_site` does.
+    async fn update_plan(&self, plan: &Plan) -> Result<()>;
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>>;
     async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>>;
 }
