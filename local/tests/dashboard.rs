@@ -602,6 +602,55 @@ async fn concurrent_plan_changes_never_undo_each_other() {
     );
 }
 
+#[tokio::test]
+async fn a_plan_is_deleted_once_no_active_token_uses_it() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let plan = format!("/api/sites/{}/plans/{}", s.site_id, s.plan_id);
+    let delete = |jwt: &str, path: &str| app.http.delete(app.url(path)).bearer_auth(jwt).send();
+
+    let res = delete(&s.owner, &plan).await.unwrap();
+    assert_eq!(res.status(), 409);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(
+        p["detail"],
+        "1 active token(s) use this plan: revoke them first"
+    );
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    let other = app.jwt("mallory", Role::SiteOwner);
+    assert_eq!(delete(&other, &plan).await.unwrap().status(), 404);
+
+    let token = format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id);
+    assert_eq!(delete(&s.owner, &token).await.unwrap().status(), 204);
+    assert_eq!(delete(&s.owner, &plan).await.unwrap().status(), 204);
+    assert_eq!(app.get(&s.owner, &plan).await.status(), 404);
+    assert_eq!(delete(&s.owner, &plan).await.unwrap().status(), 404);
+    let plans: Value = app
+        .get(&s.owner, &format!("/api/sites/{}/plans", s.site_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(plans["items"].as_array().unwrap().len(), 0);
+    let res = app
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/tokens", s.site_id),
+            json!({"plan_id": s.plan_id}),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 403);
+    let trail: Value = app
+        .get(&s.owner, "/api/audit-trail")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(trail["items"][0]["action"], "plan.delete");
+    assert_eq!(trail["items"][0]["target"], s.plan_id.as_str());
+}
+
 async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
     app.http
         .patch(app.url(&format!("/api/sites/{}", s.site_id)))

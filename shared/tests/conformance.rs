@@ -205,6 +205,14 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
         store.update_plan(&plan(&a.site_id, 10, 5)).await,
         Err(StoreError::Changed(_))
     ));
+    assert!(store.delete_plan(&a.site_id, &p.plan_id).await.unwrap());
+    assert_eq!(store.get_plan(&a.site_id, &p.plan_id).await.unwrap(), None);
+    assert_eq!(store.list_plans(&a.site_id).await.unwrap().len(), 1);
+    assert!(!store.delete_plan(&a.site_id, &p.plan_id).await.unwrap());
+    assert!(!store
+        .delete_plan(&b.site_id, "plan_0000000000000000")
+        .await
+        .unwrap());
     store.ping().await.unwrap();
 }
 

@@ -37,7 +37,10 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/signing-secret/rotate"), post(rotate_secret))
         .route(&site("/webhook"), get(get_webhook).put(put_webhook))
         .route(&site("/plans"), post(create_plan).get(list_plans))
-        .route(&site("/plans/{plan_id}"), get(get_plan).patch(update_plan))
+        .route(
+            &site("/plans/{plan_id}"),
+            get(get_plan).patch(update_plan).delete(delete_plan),
+        )
         .route(&site("/tokens"), post(create_token).get(list_tokens))
         .route(
             &site("/tokens/{token_id}"),
@@ -463,6 +466,35 @@ async fn put_webhook(
         StatusCode::OK,
         &json!({"url": site.webhook_url, "secret": shown}),
     ))
+}
+
+/// Delete a plan that no active token uses (revoke them first): deleting one under
+/// active tokens would cut its customers off, which should be a decision of its own.
+async fn delete_plan(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    find_plan(&st, &site_id, &plan_id).await?;
+    let active = st
+        .store()
+        .list_tokens(&site_id)
+        .await?
+        .iter()
+        .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
+        .count();
+    if active > 0 {
+        return Err(ApiError::Conflict(format!(
+            "{active} active token(s) use this plan: revoke them first"
+        )));
+    }
+    if !st.store().delete_plan(&site_id, &plan_id).await? {
+        return Err(not_found("plan"));
+    }
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "plan.delete", Some(&site_id), Some(&plan_id)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn plan_view(pl: &Plan) -> Value {

@@ -812,6 +812,21 @@ impl PlanStore for DynamoStore {
         self.put_at_revision(plan_item(&next), plan.revision, &plan.plan_id)
             .await
     }
+    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
+        let old = self
+            .client
+            .delete_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(
+                format!("SITE#{site_id}"),
+                format!("PLAN#{plan_id}"),
+            )))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(old.attributes.is_some_and(|a| !a.is_empty()))
+    }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.get_item(
             key(format!("SITE#{site_id}"), format!("PLAN#{plan_id}")),

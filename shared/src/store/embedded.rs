@@ -569,6 +569,15 @@ impl PlanStore for EmbeddedStore {
         self.update_at_revision(PLANS, key, plan.clone(), |p| &mut p.revision)
             .await
     }
+    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
+        let key = format!("{site_id}/{plan_id}");
+        self.write(move |txn| {
+            let mut t = txn.open_table(PLANS).map_err(unavailable)?;
+            let removed = t.remove(key.as_str()).map_err(unavailable)?.is_some();
+            Ok(removed)
+        })
+        .await
+    }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.read_table(PLANS, |t| get(t, &format!("{site_id}/{plan_id}")))
     }

@@ -127,6 +127,9 @@ pub trait PlanStore: Send + Sync {
     /// Store `plan` over the stored one if that is still at `plan.revision`, as
     /// `SiteStore::update_site` does.
     async fn update_plan(&self, plan: &Plan) -> Result<()>;
+    /// Delete; `false` if there was no such plan. Tokens left on it are refused
+    /// from then on (the gateway treats them as revoked).
+    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool>;
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>>;
     async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>>;
 }
