@@ -347,14 +347,22 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// Put only if no item has this key; `Conflict` otherwise.
-    async fn put_new(&self, item: Item, what: &str) -> Result<()> {
+    /// Put `item` if `condition` holds (`:read` bound to `read`, when given);
+    /// `refused` otherwise.
+    async fn put_if(
+        &self,
+        item: Item,
+        condition: &str,
+        read: Option<u64>,
+        refused: StoreError,
+    ) -> Result<()> {
         match self
             .client
             .put_item()
             .table_name(&*self.table)
             .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
+            .condition_expression(condition)
+            .set_expression_attribute_values(read.map(|r| Item::from([(":read".into(), n(r))])))
             .send()
             .await
         {
@@ -363,10 +371,17 @@ impl DynamoStore {
                 if e.as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
             {
-                Err(StoreError::Conflict(what.into()))
+                Err(refused)
             }
             Err(e) => Err(sdk(e)),
         }
+    }
+
+    /// Put only if no item has this key; `Conflict` otherwise.
+    async fn put_new(&self, item: Item, what: &str) -> Result<()> {
+        let refused = StoreError::Conflict(what.into());
+        self.put_if(item, "attribute_not_exists(pk)", None, refused)
+            .await
     }
 
     /// Put `item` (of revision `read_at + 1`, in `rev`) only over the item of revision
@@ -378,25 +393,8 @@ impl DynamoStore {
         } else {
             "rev = :read"
         };
-        match self
-            .client
-            .put_item()
-            .table_name(&*self.table)
-            .set_item(Some(item))
-            .condition_expression(condition)
-            .expression_attribute_values(":read", n(read_at))
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(StoreError::Changed(what.into()))
-            }
-            Err(e) => Err(sdk(e)),
-        }
+        let refused = StoreError::Changed(what.into());
+        self.put_if(item, condition, Some(read_at), refused).await
     }
 
     /// Every item of a query (all pages).
