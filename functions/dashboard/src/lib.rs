@@ -468,35 +468,6 @@ async fn put_webhook(
     ))
 }
 
-/// Delete a plan that no active token uses (revoke them first): deleting one under
-/// active tokens would cut its customers off, which should be a decision of its own.
-async fn delete_plan(
-    State(st): State<AppState>,
-    Extension(p): P,
-    ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
-) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
-    find_plan(&st, &site_id, &plan_id).await?;
-    let active = st
-        .store()
-        .list_tokens(&site_id)
-        .await?
-        .iter()
-        .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
-        .count();
-    if active > 0 {
-        return Err(ApiError::Conflict(format!(
-            "{active} active token(s) use this plan: revoke them first"
-        )));
-    }
-    if !st.store().delete_plan(&site_id, &plan_id).await? {
-        return Err(not_found("plan"));
-    }
-    st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "plan.delete", Some(&site_id), Some(&plan_id)).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
 fn plan_view(pl: &Plan) -> Value {
     json!({
         "plan_id": pl.plan_id, "site_id": pl.site_id, "name": pl.name,
@@ -630,6 +601,35 @@ async fn update_plan(
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "plan.update", Some(&site_id), Some(&plan_id)).await?;
     Ok(json(StatusCode::OK, &plan_view(&plan)))
+}
+
+/// Delete a plan that no active token uses (revoke them first): deleting one under
+/// active tokens would cut its customers off, which should be a decision of its own.
+async fn delete_plan(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    find_plan(&st, &site_id, &plan_id).await?;
+    let active = st
+        .store()
+        .list_tokens(&site_id)
+        .await?
+        .iter()
+        .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
+        .count();
+    if active > 0 {
+        return Err(ApiError::Conflict(format!(
+            "{active} active token(s) use this plan: revoke them first"
+        )));
+    }
+    if !st.store().delete_plan(&site_id, &plan_id).await? {
+        return Err(not_found("plan"));
+    }
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "plan.delete", Some(&site_id), Some(&plan_id)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn token_view(t: &Token) -> Value {
