@@ -4,9 +4,10 @@ Checks: every DynamoDB table encrypted, with point-in-time recovery and deletion
 protection; every function arm64 with a log group of bounded retention; CloudFront
 HTTPS-only with TLS >= 1.2 to viewers and origins; no IAM `Resource: "*"` on data
 actions; every alarm sends somewhere; every alarm has a runbook and every alarm a
-runbook names exists.
+runbook names exists; the dashboard function may make every DynamoDB item call the
+store's code makes (it serves every kind of change).
 
-Usage: python3 scripts/policy_check.py [template.yaml] [runbooks/]
+Usage: python3 scripts/policy_check.py [template.yaml] [runbooks/] [dynamo.rs]
 """
 
 import pathlib
@@ -18,6 +19,22 @@ from cfnlint.decode import cfn_yaml
 DATA_ACTIONS = ("dynamodb:", "secretsmanager:", "s3:", "kms:", "sqs:", "sns:")
 TLS_OK = {"TLSv1.2_2018", "TLSv1.2_2019", "TLSv1.2_2021", "TLSv1.2_2025", "TLSv1.3_2025"}
 ALARM_REF = re.compile(r"<stack>-([a-z0-9-]+)")
+# SDK calls on items and queries (not table administration) -> their IAM actions.
+STORE_CALLS = {
+    "get_item": "dynamodb:GetItem",
+    "put_item": "dynamodb:PutItem",
+    "update_item": "dynamodb:UpdateItem",
+    "delete_item": "dynamodb:DeleteItem",
+    "batch_write_item": "dynamodb:BatchWriteItem",
+    "query": "dynamodb:Query",
+    "scan": "dynamodb:Scan",
+}
+STORE_CALL = re.compile(r"\.(" + "|".join(STORE_CALLS) + r")\(\)")
+
+
+def store_actions(source):
+    """The IAM actions of the DynamoDB calls made in the store's source."""
+    return {STORE_CALLS[m] for m in STORE_CALL.findall(source)}
 
 
 def alarm_suffix(name):
@@ -50,7 +67,7 @@ def star_on_data(name, stmts):
     return found
 
 
-def check(template, runbooks):
+def check(template, runbooks, store_source=""):
     """Return a list of violations (empty when the template complies)."""
     errors = []
     res = template.get("Resources", {})
@@ -82,6 +99,13 @@ def check(template, runbooks):
         if ref not in groups:
             errors.append(f"{name}: function does not log to a log group of this template with retention")
         errors += star_on_data(name, statements(p.get("Policies")))
+    dashboard = res.get("DashboardFunction", {}).get("Properties", {})
+    granted = set()
+    for st in statements(dashboard.get("Policies")):
+        actions = st.get("Action", [])
+        granted.update(actions if isinstance(actions, list) else [actions])
+    for action in sorted(store_actions(store_source) - granted):
+        errors.append(f"DashboardFunction: the store calls {action}, which its policy lacks")
     for name, r in {**by_type("AWS::IAM::Role"), **by_type("AWS::IAM::Policy")}.items():
         p = r.get("Properties", {})
         errors += star_on_data(name, list(statements(p.get("Policies"))) + list(statements([p])))
@@ -121,15 +145,15 @@ def check(template, runbooks):
     return errors
 
 
-def load(template_path="template.yaml", runbook_dir="runbooks"):
+def load(template_path="template.yaml", runbook_dir="runbooks", store="shared/src/store/dynamo.rs"):
     template = cfn_yaml.load(template_path)
     runbooks = {p.name: p.read_text() for p in sorted(pathlib.Path(runbook_dir).glob("*.md"))}
-    return template, runbooks
+    return template, runbooks, pathlib.Path(store).read_text()
 
 
 if __name__ == "__main__":
-    template, runbooks = load(*sys.argv[1:3])
-    problems = check(template, runbooks)
+    template, runbooks, store_source = load(*sys.argv[1:4])
+    problems = check(template, runbooks, store_source)
     alarms = sum(1 for r in template["Resources"].values() if r.get("Type") == "AWS::CloudWatch::Alarm")
     for p in problems:
         print(f"POLICY VIOLATION: {p}")

@@ -9,14 +9,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import policy_check  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parent.parent
-TEMPLATE, RUNBOOKS = policy_check.load(ROOT / "template.yaml", ROOT / "runbooks")
+TEMPLATE, RUNBOOKS, STORE = policy_check.load(
+    ROOT / "template.yaml", ROOT / "runbooks", ROOT / "shared/src/store/dynamo.rs"
+)
 
 
 def violations(mutate=None, runbooks=None):
     t = copy.deepcopy(TEMPLATE)
     if mutate:
         mutate(t["Resources"], t)
-    return policy_check.check(t, runbooks if runbooks is not None else RUNBOOKS)
+    return policy_check.check(t, runbooks if runbooks is not None else RUNBOOKS, STORE)
 
 
 class PolicyTest(unittest.TestCase):
@@ -35,11 +37,18 @@ class PolicyTest(unittest.TestCase):
             "plain HTTP": lambda r, t: r["Distribution"]["Properties"]["DistributionConfig"]["DefaultCacheBehavior"].__setitem__("ViewerProtocolPolicy", "allow-all"),
             'Resource "*"': lambda r, t: r["AuthorizeFunction"]["Properties"]["Policies"][0]["Statement"][0].__setitem__("Resource", "*"),
             "without an action": lambda r, t: r["ProxyErrorsAlarm"]["Properties"].pop("AlarmActions"),
+            "the store calls dynamodb:DeleteItem": lambda r, t: r["DashboardFunction"]["Properties"]["Policies"][0]["Statement"][0]["Action"].remove("dynamodb:DeleteItem"),
             "has no runbook": lambda r, t: r["ProxyErrorsAlarm"]["Properties"].__setitem__("AlarmName", {"Fn::Sub": "${AWS::StackName}-brand-new"}),
         }
         for expected, mutate in cases.items():
             found = violations(mutate)
             self.assertTrue(any(expected in v for v in found), f"{expected}: {found}")
+
+    def test_store_calls_are_found(self):
+        self.assertEqual(
+            policy_check.store_actions(STORE),
+            {"dynamodb:" + a for a in ["GetItem", "PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "Query", "Scan"]},
+        )
 
     def test_runbook_naming_a_missing_alarm(self):
         books = dict(RUNBOOKS)
