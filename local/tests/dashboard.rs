@@ -651,6 +651,60 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     assert_eq!(trail["items"][0]["target"], s.plan_id.as_str());
 }
 
+#[tokio::test]
+async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let authorize = || {
+        app.http
+            .post(app.url("/v1/authorize"))
+            .bearer_auth(&key)
+            .json(&json!({"token": s.token, "method": "GET", "path": "/"}))
+            .send()
+    };
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    assert_eq!(authorize().await.unwrap().status(), 200);
+    let site = format!("/api/sites/{}", s.site_id);
+    let token = format!("{site}/tokens/{}", s.token_id);
+    let delete = |jwt: &str| app.http.delete(app.url(&site)).bearer_auth(jwt).send();
+    let other = app.jwt("mallory", Role::SiteOwner);
+    assert_eq!(delete(&other).await.unwrap().status(), 404);
+    assert_eq!(app.get(&s.owner, &site).await.status(), 200);
+
+    assert_eq!(delete(&s.owner).await.unwrap().status(), 204);
+    assert_eq!(app.get(&s.owner, &site).await.status(), 404);
+    assert_eq!(
+        app.get(&s.owner, &format!("{site}/plans")).await.status(),
+        404
+    );
+    assert_eq!(delete(&s.owner).await.unwrap().status(), 404);
+    let sites: Value = app.get(&s.owner, "/api/sites").await.json().await.unwrap();
+    assert_eq!(sites["items"].as_array().unwrap().len(), 0);
+    // Its token and its API key no longer work, and the token shows as revoked.
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 404);
+    assert_eq!(authorize().await.unwrap().status(), 401);
+    let stored = app
+        .local
+        .state
+        .store()
+        .get_token(&s.site_id, &s.token_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored.revoked_at.is_some());
+    assert_eq!(app.get(&s.owner, &token).await.status(), 404);
+    let admin = app.jwt("root", Role::Admin);
+    let trail: Value = app
+        .get(&admin, "/api/audit-trail")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(trail["items"][0]["action"], "site.delete");
+    assert_eq!(trail["items"][0]["site_id"], s.site_id.as_str());
+}
+
 async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
     app.http
         .patch(app.url(&format!("/api/sites/{}", s.site_id)))

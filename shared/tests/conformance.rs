@@ -213,6 +213,10 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
         .delete_plan(&b.site_id, "plan_0000000000000000")
         .await
         .unwrap());
+    assert!(store.delete_site(&b.site_id).await.unwrap());
+    assert_eq!(store.get_site(&b.site_id).await.unwrap(), None);
+    assert!(!store.delete_site(&b.site_id).await.unwrap());
+    assert_eq!(store.list_sites(Some(&owner)).await.unwrap().len(), 1);
     store.ping().await.unwrap();
 }
 

@@ -33,7 +33,10 @@ pub fn router(state: AppState) -> Router {
     let site = |p: &str| format!("/api/sites/{{site_id}}{p}");
     let api = Router::new()
         .route("/api/sites", post(create_site).get(list_sites))
-        .route(&site(""), get(get_site).patch(update_site))
+        .route(
+            &site(""),
+            get(get_site).patch(update_site).delete(delete_site),
+        )
         .route(&site("/signing-secret/rotate"), post(rotate_secret))
         .route(&site("/webhook"), get(get_webhook).put(put_webhook))
         .route(&site("/plans"), post(create_plan).get(list_plans))
@@ -371,6 +374,44 @@ async fn update_site(
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "site.update", Some(&site_id), None).await?;
     Ok(json(StatusCode::OK, &site_view(&site)))
+}
+
+/// Delete a site: revoke its tokens and API keys, delete its plans, then the site
+/// itself; in that order, so a failure part-way leaves the site in place, with what
+/// was revoked so far, for a retry. Its audit records stay until they expire.
+async fn delete_site(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath(site_id): ApiPath<String>,
+) -> ApiResult {
+    use futures_util::{StreamExt, TryStreamExt};
+    managed_site(&st, &p, &site_id).await?;
+    let (store, now) = (st.store(), now_ms() / 1000);
+    let active = store.list_tokens(&site_id).await?.into_iter();
+    let active = active.filter(|t| t.revoked_at.is_none());
+    futures_util::stream::iter(active)
+        .map(|t| {
+            let (store, site_id) = (store.clone(), site_id.clone());
+            async move { store.revoke_token(&site_id, &t.token_id, now).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    for key in store.list_keys(&site_id).await? {
+        if key.revoked_at.is_none() {
+            store.revoke_key(&site_id, &key.key_id, now).await?;
+            st.gateway.invalidate_key(&key.key_hash);
+        }
+    }
+    for plan in store.list_plans(&site_id).await? {
+        store.delete_plan(&site_id, &plan.plan_id).await?;
+    }
+    if !store.delete_site(&site_id).await? {
+        return Err(not_found("site"));
+    }
+    st.gateway.invalidate_site(&site_id);
+    trail(&st, &p, "site.delete", Some(&site_id), None).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize, Default)]

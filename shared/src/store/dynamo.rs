@@ -347,6 +347,20 @@ impl DynamoStore {
         Ok(())
     }
 
+    /// Delete the item at `key`; whether there was one.
+    async fn delete(&self, key: Item) -> Result<bool> {
+        let old = self
+            .client
+            .delete_item()
+            .table_name(&*self.table)
+            .set_key(Some(key))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(old.attributes.is_some_and(|a| !a.is_empty()))
+    }
+
     /// Put `item` if `condition` holds (`:read` bound to `read`, when given);
     /// `refused` otherwise.
     async fn put_if(
@@ -750,6 +764,9 @@ impl SiteStore for DynamoStore {
         self.put_at_revision(site_item(&next), site.revision, &site.site_id)
             .await
     }
+    async fn delete_site(&self, site_id: &str) -> Result<bool> {
+        self.delete(key(format!("SITE#{site_id}"), "SITE")).await
+    }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)
             .await?
@@ -811,19 +828,8 @@ impl PlanStore for DynamoStore {
             .await
     }
     async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
-        let old = self
-            .client
-            .delete_item()
-            .table_name(&*self.table)
-            .set_key(Some(key(
-                format!("SITE#{site_id}"),
-                format!("PLAN#{plan_id}"),
-            )))
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
-            .send()
+        self.delete(key(format!("SITE#{site_id}"), format!("PLAN#{plan_id}")))
             .await
-            .map_err(sdk)?;
-        Ok(old.attributes.is_some_and(|a| !a.is_empty()))
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.get_item(

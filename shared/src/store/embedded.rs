@@ -407,6 +407,16 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Remove the record at `key`; whether there was one.
+    async fn remove(&self, def: Def, key: String) -> Result<bool> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(def).map_err(unavailable)?;
+            let removed = t.remove(key.as_str()).map_err(unavailable)?.is_some();
+            Ok(removed)
+        })
+        .await
+    }
+
     /// Put `value` at `key` only if absent; otherwise `Conflict`.
     async fn insert_new(&self, def: Def, key: String, value: Vec<u8>) -> Result<()> {
         self.write(move |txn| {
@@ -536,6 +546,9 @@ impl SiteStore for EmbeddedStore {
         })
         .await
     }
+    async fn delete_site(&self, site_id: &str) -> Result<bool> {
+        self.remove(SITES, site_id.to_owned()).await
+    }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.read_table(SITES, |t| get(t, site_id))
     }
@@ -570,13 +583,7 @@ impl PlanStore for EmbeddedStore {
             .await
     }
     async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
-        let key = format!("{site_id}/{plan_id}");
-        self.write(move |txn| {
-            let mut t = txn.open_table(PLANS).map_err(unavailable)?;
-            let removed = t.remove(key.as_str()).map_err(unavailable)?.is_some();
-            Ok(removed)
-        })
-        .await
+        self.remove(PLANS, format!("{site_id}/{plan_id}")).await
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.read_table(PLANS, |t| get(t, &format!("{site_id}/{plan_id}")))
