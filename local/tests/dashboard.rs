@@ -319,6 +319,13 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         .get(&owner, &format!("/api/sites/{sid}/logs?cursor=zzz"))
         .await;
     assert_eq!(res.status(), 422);
+    for (query, field) in [("cursor=zzz", "cursor"), ("limit=0", "limit")] {
+        let res = app
+            .get(&owner, &format!("/api/sites/{sid}/tokens?{query}"))
+            .await;
+        assert_eq!(res.status(), 422, "{query}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
     assert_eq!(
         app.get(&owner, "/api/sites/site_0000000000000000")
             .await
@@ -703,6 +710,62 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
         .unwrap();
     assert_eq!(trail["items"][0]["action"], "site.delete");
     assert_eq!(trail["items"][0]["site_id"], s.site_id.as_str());
+}
+
+#[tokio::test]
+async fn the_token_list_comes_in_pages() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let mut issued = vec![s.token_id.clone()];
+    for i in 0..4 {
+        let res = app
+            .post(
+                &s.owner,
+                &format!("/api/sites/{}/tokens", s.site_id),
+                json!({"plan_id": s.plan_id, "label": format!("t{i}")}),
+            )
+            .await;
+        let t: Value = res.json().await.unwrap();
+        issued.push(t["token_id"].as_str().unwrap().to_owned());
+    }
+    issued.sort();
+    let (mut listed, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("limit=2&cursor={c}"),
+            None => "limit=2".into(),
+        };
+        let page: Value = app
+            .get(
+                &s.owner,
+                &format!("/api/sites/{}/tokens?{query}", s.site_id),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        assert!(items.iter().all(|t| t.get("token").is_none()), "no secrets");
+        listed.extend(
+            items
+                .iter()
+                .map(|t| t["token_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, issued);
+    let all: Value = app
+        .get(&s.owner, &format!("/api/sites/{}/tokens", s.site_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 5);
+    assert_eq!(all["next_cursor"], Value::Null);
 }
 
 async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {

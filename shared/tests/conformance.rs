@@ -259,6 +259,40 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         None
     );
     assert_eq!(store.list_tokens(&s.site_id).await.unwrap().len(), 2);
+    // Pages: every token once, in id order, whatever the page size.
+    let mut more = Vec::new();
+    for _ in 0..3 {
+        let t = token(&s.site_id, &p.plan_id, None);
+        store.create_token(&t).await.unwrap();
+        more.push(t.token_id);
+    }
+    let mut all: Vec<String> = [&t1.token_id, &t2.token_id]
+        .into_iter()
+        .cloned()
+        .chain(more)
+        .collect();
+    all.sort();
+    for limit in [1, 2, 5, 10] {
+        let (mut seen, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let page = store
+                .list_tokens_page(&s.site_id, limit, after.as_deref())
+                .await
+                .unwrap();
+            assert!(page.items.len() <= limit);
+            seen.extend(page.items.into_iter().map(|t| t.token_id));
+            match page.next_cursor {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all, "limit {limit}");
+    }
+    let other_site = store
+        .list_tokens_page("site_0000000000000000", 10, None)
+        .await
+        .unwrap();
+    assert!(other_site.items.is_empty() && other_site.next_cursor.is_none());
     let mine = store.list_consumer_tokens(&consumer).await.unwrap();
     assert_eq!(
         mine.iter().map(|t| &t.token_id).collect::<Vec<_>>(),

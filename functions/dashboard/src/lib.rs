@@ -746,16 +746,27 @@ async fn create_token(
     Ok(json(StatusCode::CREATED, &v))
 }
 
+/// A page of the site's tokens (`limit` 1-1000, default 100), in token-id order;
+/// `next_cursor` continues it.
 async fn list_tokens(
     State(st): State<AppState>,
     Extension(p): P,
     ApiPath(site_id): ApiPath<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    let tokens = st.store().list_tokens(&site_id).await?;
+    let limit = parse_limit(&q)?;
+    let after = q.get("cursor").map(String::as_str);
+    if after.is_some_and(|c| !ids::is_id(c, "tok_")) {
+        return Err(ApiError::invalid("cursor", "not a cursor from this list"));
+    }
+    let page = st.store().list_tokens_page(&site_id, limit, after).await?;
     Ok(json(
         StatusCode::OK,
-        &json!({"items": tokens.iter().map(token_view).collect::<Vec<_>>()}),
+        &json!({
+            "items": page.items.iter().map(token_view).collect::<Vec<_>>(),
+            "next_cursor": page.next_cursor,
+        }),
     ))
 }
 

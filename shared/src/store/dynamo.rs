@@ -951,6 +951,42 @@ impl TokenStore for DynamoStore {
         .map(data)
         .collect()
     }
+    async fn list_tokens_page(
+        &self,
+        site_id: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>> {
+        let index_pk = format!("SITE#{site_id}#TOKENS");
+        let start = after.map(|id| {
+            let mut k = key(format!("TOKEN#{id}"), "TOKEN");
+            k.insert("gsi1pk".into(), s(&index_pk));
+            k.insert("gsi1sk".into(), s(format!("TOKEN#{id}")));
+            k
+        });
+        let page = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .index_name(GSI1)
+            .key_condition_expression("gsi1pk = :pk")
+            .expression_attribute_values(":pk", s(&index_pk))
+            .limit(limit.try_into().unwrap_or(i32::MAX))
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(sdk)?;
+        let items: Vec<Token> = page
+            .items
+            .unwrap_or_default()
+            .iter()
+            .map(data)
+            .collect::<Result<_>>()?;
+        // DynamoDB may say more could follow when the page merely ended full.
+        let more = page.last_evaluated_key.is_some_and(|k| !k.is_empty());
+        let next_cursor = items.last().filter(|_| more).map(|t| t.token_id.clone());
+        Ok(Page { items, next_cursor })
+    }
     async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
         self.query_all(Some(GSI2), "gsi2pk", &format!("CONSUMER#{consumer}"), None)
             .await?

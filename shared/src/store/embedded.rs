@@ -633,6 +633,36 @@ impl TokenStore for EmbeddedStore {
     async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>> {
         self.read_table(TOKENS, |t| list_prefix(t, site_id))
     }
+    async fn list_tokens_page(
+        &self,
+        site_id: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>> {
+        use std::ops::Bound::{Excluded, Included};
+        let start = match after {
+            Some(id) => Excluded(format!("{site_id}/{id}")),
+            None => Included(format!("{site_id}/")),
+        };
+        let end = Excluded(format!("{site_id}0")); // '0' sorts right after '/'
+        self.read_table(TOKENS, |t| {
+            let range = (
+                start.as_ref().map(String::as_str),
+                end.as_ref().map(String::as_str),
+            );
+            let mut items = Vec::new();
+            for row in t.range::<&str>(range).map_err(unavailable)?.take(limit + 1) {
+                items.push(decode::<Token>(row.map_err(unavailable)?.1.value())?);
+            }
+            let more = items.len() > limit;
+            items.truncate(limit);
+            let next_cursor = more.then(|| items.last().map(|t| t.token_id.clone()));
+            Ok(Page {
+                next_cursor: next_cursor.flatten(),
+                items,
+            })
+        })
+    }
     async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
         self.read_table(TOKENS, |t| {
             let mut out = Vec::new();

@@ -143,6 +143,15 @@ pub trait TokenStore: Send + Sync {
     async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>>;
     async fn token_by_hash(&self, token_hash: &str) -> Result<Option<Token>>;
     async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>>;
+    /// Up to `limit` of the site's tokens in token-id order, after the token `after`
+    /// (the previous page's `next_cursor`, which is the last token id of that page
+    /// while more may follow).
+    async fn list_tokens_page(
+        &self,
+        site_id: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>>;
     async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>>;
     /// Revoke; returns the token as it is now, or `None` if there is no such token.
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>>;
