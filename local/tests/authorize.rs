@@ -175,11 +175,8 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
 
     // A revoked key stops working.
     let keys: Value = app
-        .get(&s.owner, &format!("/api/sites/{}/api-keys", s.site_id))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&s.owner, &format!("/api/sites/{}/api-keys", s.site_id))
+        .await;
     let key_id = keys["items"][0]["key_id"].as_str().unwrap();
     let res = app
         .http

@@ -95,14 +95,11 @@ async fn quota_is_exact_under_32_concurrent_clients_and_warns_once() {
 
     // Token usage agrees; the audit log has all 320 decisions.
     let t: Value = app
-        .get(
+        .get_json(
             &s.owner,
             &format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(t["usage"]["used"], 100);
     assert_eq!(t["usage"]["remaining"], 0);
     let mut n = 0;

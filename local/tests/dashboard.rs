@@ -77,9 +77,9 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         .await
         .unwrap();
     assert_eq!(res.status(), 404);
-    let bobs: Value = app.get(&bob, "/api/sites").await.json().await.unwrap();
+    let bobs: Value = app.get_json(&bob, "/api/sites").await;
     assert_eq!(bobs["items"].as_array().unwrap().len(), 0);
-    let all: Value = app.get(&admin, "/api/sites").await.json().await.unwrap();
+    let all: Value = app.get_json(&admin, "/api/sites").await;
     assert_eq!(all["items"].as_array().unwrap().len(), 1);
     assert!(
         !all.to_string().contains("signing_secret"),
@@ -114,12 +114,7 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     let tok: Value = res.json().await.unwrap();
     app.proxy_get(&s.site_id, "/", tok["token"].as_str().unwrap())
         .await;
-    let mine: Value = app
-        .get(&carol, "/api/me/tokens")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = app.get_json(&carol, "/api/me/tokens").await;
     let items = mine["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["token_id"], tok["token_id"]);
@@ -127,12 +122,7 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     assert!(items[0].get("token").is_none());
 
     // The admin trail recorded who did what.
-    let trail: Value = app
-        .get(&admin, "/api/audit-trail")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let trail: Value = app.get_json(&admin, "/api/audit-trail").await;
     let actions: Vec<&str> = trail["items"]
         .as_array()
         .unwrap()
@@ -150,19 +140,9 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         .unwrap()
         .iter()
         .all(|e| e["actor"].is_string() && e["timestamp"].is_string()));
-    let bob_trail: Value = app
-        .get(&bob, "/api/audit-trail")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let bob_trail: Value = app.get_json(&bob, "/api/audit-trail").await;
     assert_eq!(bob_trail["items"].as_array().unwrap().len(), 0);
-    let one: Value = app
-        .get(&admin, "/api/audit-trail?limit=1")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let one: Value = app.get_json(&admin, "/api/audit-trail?limit=1").await;
     assert_eq!(one["items"].as_array().unwrap().len(), 1);
     assert_eq!(one["items"][0], trail["items"][0], "newest first");
     let res = app.get(&admin, "/api/audit-trail?limit=abc").await;
@@ -588,7 +568,7 @@ async fn concurrent_plan_changes_never_undo_each_other() {
             .collect::<Vec<u64>>()
     };
     let (rpms, quotas) = (applied(rpms, 100), applied(quotas, 5000));
-    let plan: Value = app.get(&s.owner, &path).await.json().await.unwrap();
+    let plan: Value = app.get_json(&s.owner, &path).await;
     let rpm = plan["requests_per_minute"].as_u64().unwrap();
     let quota = plan["monthly_quota"].as_u64().unwrap();
     assert!(
@@ -633,11 +613,8 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     assert_eq!(app.get(&s.owner, &plan).await.status(), 404);
     assert_eq!(delete(&s.owner, &plan).await.unwrap().status(), 404);
     let plans: Value = app
-        .get(&s.owner, &format!("/api/sites/{}/plans", s.site_id))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&s.owner, &format!("/api/sites/{}/plans", s.site_id))
+        .await;
     assert_eq!(plans["items"].as_array().unwrap().len(), 0);
     let res = app
         .post(
@@ -648,12 +625,7 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
         .await;
     assert_eq!(res.status(), 422);
     assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 403);
-    let trail: Value = app
-        .get(&s.owner, "/api/audit-trail")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;
     assert_eq!(trail["items"][0]["action"], "plan.delete");
     assert_eq!(trail["items"][0]["target"], s.plan_id.as_str());
 }
@@ -686,7 +658,7 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
         404
     );
     assert_eq!(delete(&s.owner).await.unwrap().status(), 404);
-    let sites: Value = app.get(&s.owner, "/api/sites").await.json().await.unwrap();
+    let sites: Value = app.get_json(&s.owner, "/api/sites").await;
     assert_eq!(sites["items"].as_array().unwrap().len(), 0);
     // Its token and its API key no longer work, and the token shows as revoked.
     assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 404);
@@ -702,12 +674,7 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
     assert!(stored.revoked_at.is_some());
     assert_eq!(app.get(&s.owner, &token).await.status(), 404);
     let admin = app.jwt("root", Role::Admin);
-    let trail: Value = app
-        .get(&admin, "/api/audit-trail")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let trail: Value = app.get_json(&admin, "/api/audit-trail").await;
     assert_eq!(trail["items"][0]["action"], "site.delete");
     assert_eq!(trail["items"][0]["site_id"], s.site_id.as_str());
 }
@@ -736,14 +703,11 @@ async fn the_token_list_comes_in_pages() {
             None => "limit=2".into(),
         };
         let page: Value = app
-            .get(
+            .get_json(
                 &s.owner,
                 &format!("/api/sites/{}/tokens?{query}", s.site_id),
             )
-            .await
-            .json()
-            .await
-            .unwrap();
+            .await;
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2);
         assert!(items.iter().all(|t| t.get("token").is_none()), "no secrets");
@@ -759,11 +723,8 @@ async fn the_token_list_comes_in_pages() {
     }
     assert_eq!(listed, issued);
     let all: Value = app
-        .get(&s.owner, &format!("/api/sites/{}/tokens", s.site_id))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&s.owner, &format!("/api/sites/{}/tokens", s.site_id))
+        .await;
     assert_eq!(all["items"].as_array().unwrap().len(), 5);
     assert_eq!(all["next_cursor"], Value::Null);
 }

@@ -221,6 +221,13 @@ impl App {
             .unwrap()
     }
 
+    /// GET `path`, which must answer 200, as JSON.
+    pub async fn get_json(&self, jwt: &str, path: &str) -> Value {
+        let res = self.get(jwt, path).await;
+        assert_eq!(res.status(), 200, "{path}");
+        res.json().await.unwrap()
+    }
+
     pub async fn create_site(&self, jwt: &str, origin_url: &str) -> Value {
         let res = self
             .post(
@@ -307,11 +314,8 @@ impl App {
     }
 
     pub async fn logs(&self, jwt: &str, site_id: &str, query: &str) -> Value {
-        let res = self
-            .get(jwt, &format!("/api/sites/{site_id}/logs?{query}"))
-            .await;
-        assert_eq!(res.status(), 200);
-        res.json().await.unwrap()
+        self.get_json(jwt, &format!("/api/sites/{site_id}/logs?{query}"))
+            .await
     }
 }
 
