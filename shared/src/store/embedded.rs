@@ -656,11 +656,8 @@ impl TokenStore for EmbeddedStore {
             }
             let more = items.len() > limit;
             items.truncate(limit);
-            let next_cursor = more.then(|| items.last().map(|t| t.token_id.clone()));
-            Ok(Page {
-                next_cursor: next_cursor.flatten(),
-                items,
-            })
+            let next_cursor = items.last().filter(|_| more).map(|t| t.token_id.clone());
+            Ok(Page { items, next_cursor })
         })
     }
     async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
