@@ -380,7 +380,14 @@ async fn stalled_headers_and_idle_connections_are_closed_but_slow_bodies_are_not
 async fn dot_segments_are_refused() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
-    for p in ["/a/%2e%2e/b", "/%2E%2E/etc/passwd", "/../x", "/a/./b"] {
+    for p in [
+        "/a/%2e%2e/b",
+        "/%2E%2E/etc/passwd",
+        "/../x",
+        "/a/./b",
+        "/v1/..%2F..%2Fadmin",
+        "/v1/..\\..\\admin",
+    ] {
         let req = format!(
             "GET /p/{}{p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
             s.site_id, s.token

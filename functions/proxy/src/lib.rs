@@ -95,20 +95,45 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Is any segment `.` or `..`, also percent-encoded?
+/// Is any segment `.` or `..`, also percent-encoded, or once `%2F`, `\\` and `%5C`
+/// are read as `/`? An origin that decodes or normalises those before routing would
+/// otherwise resolve `/base/..%2Fadmin` outside the site's base path. An encoded slash
+/// inside a name (`group%2Fproject`) is kept.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        let (mut rest, mut dots) = (seg.as_bytes(), 0);
-        while !rest.is_empty() {
-            match rest {
-                [b'.', tail @ ..] => rest = tail,
-                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => rest = tail,
-                _ => return false,
+    let (mut rest, mut dots, mut other) = (path.as_bytes(), 0, false);
+    loop {
+        let (separator, tail) = match rest {
+            [] => (true, rest),
+            [b'/' | b'\\', tail @ ..] => (true, tail),
+            [b'%', h, l, tail @ ..]
+                if matches!((h, l.to_ascii_lowercase()), (b'2', b'f') | (b'5', b'c')) =>
+            {
+                (true, tail)
             }
-            dots += 1;
+            [b'.', tail @ ..] => {
+                dots += 1;
+                (false, tail)
+            }
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => {
+                dots += 1;
+                (false, tail)
+            }
+            [_, tail @ ..] => {
+                other = true;
+                (false, tail)
+            }
+        };
+        if separator {
+            if !other && (dots == 1 || dots == 2) {
+                return true;
+            }
+            if rest.is_empty() {
+                return false;
+            }
+            (dots, other) = (0, false);
         }
-        dots == 1 || dots == 2
-    })
+        rest = tail;
+    }
 }
 
 fn denial(d: &Decision) -> Response {
@@ -409,6 +434,11 @@ mod tests {
             "/./a",
             "/a/%2e",
             "/a/.%2E/",
+            "/base/..%2Fadmin",
+            "/base/..%2fadmin",
+            "/a/..\\..\\admin",
+            "/a/..%5Cadmin",
+            "/a/x%2f.%2fy",
         ] {
             assert!(has_dot_segment(bad), "{bad}");
         }
@@ -422,6 +452,10 @@ mod tests {
             "/%2",
             "/.%2",
             "/%2f",
+            "/projects/group%2Fproject",
+            "/a\\b",
+            "/a/..x%2Fy",
+            "/%2e%2e%2e%2f",
         ] {
             assert!(!has_dot_segment(ok), "{ok}");
         }
