@@ -752,16 +752,30 @@ async fn logs_filter_paginate_and_export() {
     for _ in 0..3 {
         app.proxy_get(&s.site_id, "/v1/hotels", "bad").await;
     }
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let res = app
+        .http
+        .post(app.url("/v1/authorize"))
+        .bearer_auth(&key)
+        .json(&json!({"token": s.token, "method": "GET", "path": "/v1/cars"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     let q = |query: &str| {
         let query = query.to_owned();
         let (app, s) = (&app, &s);
         async move { app.logs(&s.owner, &s.site_id, &query).await }
     };
-    assert_eq!(q("").await["items"].as_array().unwrap().len(), 8);
+    assert_eq!(q("").await["items"].as_array().unwrap().len(), 9);
     assert_eq!(
         q("decision=allow").await["items"].as_array().unwrap().len(),
-        5
+        6
     );
+    assert_eq!(q("mode=proxy").await["items"].as_array().unwrap().len(), 8);
+    let middleware = q("mode=middleware").await;
+    assert_eq!(middleware["items"].as_array().unwrap().len(), 1);
+    assert_eq!(middleware["items"][0]["path"], "/v1/cars");
     assert_eq!(
         q("decision=deny&reason=invalid_token").await["items"]
             .as_array()
@@ -774,9 +788,9 @@ async fn logs_filter_paginate_and_export() {
             .as_array()
             .unwrap()
             .len(),
-        5
+        6
     );
-    assert_eq!(q("plan=pro").await["items"].as_array().unwrap().len(), 5);
+    assert_eq!(q("plan=pro").await["items"].as_array().unwrap().len(), 6);
     assert_eq!(
         q("path_prefix=/v1/hotels").await["items"]
             .as_array()
@@ -808,7 +822,7 @@ async fn logs_filter_paginate_and_export() {
             None => break,
         }
     }
-    assert_eq!(seen.len(), 8);
+    assert_eq!(seen.len(), 9);
     assert!(seen.windows(2).all(|w| w[0] >= w[1]));
 
     let res = app
@@ -823,7 +837,7 @@ async fn logs_filter_paginate_and_export() {
     assert_eq!(res.status(), 200);
     assert_eq!(header(&res, "content-type"), Some("application/x-ndjson"));
     let text = res.text().await.unwrap();
-    assert_eq!(text.lines().count(), 5);
+    assert_eq!(text.lines().count(), 6);
     assert!(text
         .lines()
         .all(|l| serde_json::from_str::<Value>(l).unwrap()["decision"] == "allow"));
@@ -841,7 +855,7 @@ async fn logs_filter_paginate_and_export() {
         lines.next().unwrap(),
         "id,timestamp,site_id,token_id,plan,method,path,decision,reason,remaining,latency_ms,mode"
     );
-    assert_eq!(lines.count(), 8);
+    assert_eq!(lines.count(), 9);
     assert_eq!(
         app.get(
             &s.owner,
@@ -851,6 +865,23 @@ async fn logs_filter_paginate_and_export() {
         .status(),
         422
     );
+
+    // A misspelt or unknown parameter is refused, not read as "no filter".
+    for (path, field) in [
+        ("logs?decison=deny", "decison"),
+        ("logs?mode=lambda", "mode"),
+        ("logs/export?format=csv&limit=5", "limit"),
+        ("tokens?plan=pro", "plan"),
+    ] {
+        let res = app
+            .get(&s.owner, &format!("/api/sites/{}/{path}", s.site_id))
+            .await;
+        assert_eq!(res.status(), 422, "{path}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field, "{path}");
+    }
+    let res = app.get(&s.owner, "/api/audit-trail?since=yesterday").await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(res.json::<Value>().await.unwrap()["field"], "since");
 }
 
 #[tokio::test]

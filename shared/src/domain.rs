@@ -164,6 +164,7 @@ pub struct AuditFilter {
     pub from_ms: Option<u64>,
     pub to_ms: Option<u64>,
     pub path_prefix: Option<String>,
+    pub mode: Option<Mode>,
 }
 
 impl AuditFilter {
@@ -183,6 +184,7 @@ impl AuditFilter {
                 .path_prefix
                 .as_ref()
                 .is_none_or(|p| r.path.starts_with(p.as_str()))
+            && self.mode.is_none_or(|m| r.mode == m)
     }
 }
 

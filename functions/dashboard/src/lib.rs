@@ -16,8 +16,8 @@ use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::StatusCode;
 use payfence_core::auth::{AuthError, Principal, Role};
 use payfence_core::domain::{
-    now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Plan, Reason,
-    Site, Token,
+    now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Mode, Plan,
+    Reason, Site, Token,
 };
 use payfence_core::http::{
     bearer, json, request_context, simple_rate_headers, ApiError, ApiJson, ApiPath,
@@ -755,6 +755,7 @@ async fn list_tokens(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
+    only_params(&q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
     let after = q.get("cursor").map(String::as_str);
     if after.is_some_and(|c| !ids::is_id(c, "tok_")) {
@@ -863,6 +864,33 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// A query parameter a route does not take is refused rather than ignored, so that a
+/// misspelt filter (`?decison=deny`) is not read as "no filter".
+fn only_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::invalid(
+            k,
+            format!(
+                "unknown query parameter; this route takes {}",
+                known.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The logs query's filters ([`parse_filter`]).
+const FILTERS: [&str; 8] = [
+    "token_id",
+    "plan",
+    "decision",
+    "reason",
+    "from",
+    "to",
+    "path_prefix",
+    "mode",
+];
+
 /// `limit`: 1–1000, default 100.
 fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
     match q.get("limit") {
@@ -907,6 +935,12 @@ fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
         from_ms: get("from").map(|v| parse_time("from", v)).transpose()?,
         to_ms: get("to").map(|v| parse_time("to", v)).transpose()?,
         path_prefix: get("path_prefix").map(Into::into),
+        mode: match get("mode") {
+            None => None,
+            Some("proxy") => Some(Mode::Proxy),
+            Some("middleware") => Some(Mode::Middleware),
+            Some(_) => return Err(ApiError::invalid("mode", "must be proxy or middleware")),
+        },
     })
 }
 
@@ -917,6 +951,7 @@ async fn query_logs(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
+    only_params(&q, &[&FILTERS[..], &["limit", "cursor"]].concat())?;
     let filter = parse_filter(&q)?;
     let limit = parse_limit(&q)?;
     let page = st
@@ -984,6 +1019,7 @@ async fn export_logs(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
+    only_params(&q, &[&FILTERS[..], &["format"]].concat())?;
     let filter = Arc::new(parse_filter(&q)?);
     let csv = match q.get("format").map(|s| s.as_str()) {
         None | Some("ndjson") => false,
@@ -1074,6 +1110,7 @@ async fn audit_trail(
     Extension(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    only_params(&q, &["limit"])?;
     let limit = parse_limit(&q)?;
     let events = match p.role {
         Role::Admin => st.store().list_admin(limit, None).await?,
