@@ -677,6 +677,16 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
     let trail: Value = app.get_json(&admin, "/api/audit-trail").await;
     assert_eq!(trail["items"][0]["action"], "site.delete");
     assert_eq!(trail["items"][0]["site_id"], s.site_id.as_str());
+    // Its owner still sees its own changes to the site, the deletion included.
+    let mine: Value = app.get_json(&s.owner, "/api/audit-trail").await;
+    let actions: Vec<&str> = mine["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions.first(), Some(&"site.delete"));
+    assert!(actions.contains(&"site.create"), "{actions:?}");
 }
 
 #[tokio::test]

@@ -224,6 +224,20 @@ pub struct AdminEvent {
     pub target: Option<String>,
 }
 
+/// The admin-trail entries a site owner sees: those about its sites, and its own
+/// changes (which keeps a deleted site's history, `site.delete` included, visible).
+#[derive(Clone, Copy, Debug)]
+pub struct AdminScope<'a> {
+    pub sites: &'a [String],
+    pub actor: &'a str,
+}
+
+impl AdminScope<'_> {
+    pub fn shows(&self, e: &AdminEvent) -> bool {
+        e.actor == self.actor || e.site_id.as_ref().is_some_and(|s| self.sites.contains(s))
+    }
+}
+
 pub fn rfc3339_ms(ts_ms: u64) -> String {
     chrono::DateTime::from_timestamp_millis(ts_ms as i64)
         .unwrap_or_default()

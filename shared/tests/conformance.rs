@@ -708,16 +708,22 @@ async fn failed_attempts_and_admin_trail(store: Arc<dyn Store>) {
         6
     );
 
-    for (i, site_id) in [Some(s.site_id.clone()), None, Some(s.site_id.clone())]
-        .into_iter()
-        .enumerate()
+    let gone = "site_0000000000000000".to_owned();
+    for (i, (site_id, actor)) in [
+        (Some(s.site_id.clone()), "admin"),
+        (None, "carol"),
+        (Some(s.site_id.clone()), "alice"),
+        (Some(gone), "alice"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         store
             .record_admin(&AdminEvent {
                 id: ids::event_id(),
                 ts_ms: NOW + i as u64,
                 timestamp: rfc3339_ms(NOW),
-                actor: "alice".into(),
+                actor: actor.into(),
                 role: "site_owner".into(),
                 action: format!("a{i}"),
                 site_id,
@@ -726,13 +732,26 @@ async fn failed_attempts_and_admin_trail(store: Arc<dyn Store>) {
             .await
             .unwrap();
     }
-    let mine = store
-        .list_admin(10, Some(std::slice::from_ref(&s.site_id)))
-        .await
-        .unwrap();
+    // Owners see the events about their sites, and their own (also about a site
+    // since deleted).
+    let actions =
+        |events: Vec<AdminEvent>| events.into_iter().map(|e| e.action).collect::<Vec<_>>();
+    let sites = [s.site_id.clone()];
+    let scope = |actor| AdminScope {
+        sites: &sites,
+        actor,
+    };
     assert_eq!(
-        mine.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
-        vec!["a2", "a0"]
+        actions(store.list_admin(10, Some(scope("alice"))).await.unwrap()),
+        ["a3", "a2", "a0"]
+    );
+    assert_eq!(
+        actions(store.list_admin(10, Some(scope("dave"))).await.unwrap()),
+        ["a2", "a0"]
+    );
+    assert_eq!(
+        actions(store.list_admin(2, Some(scope("alice"))).await.unwrap()),
+        ["a3", "a2"]
     );
     assert!(store.list_admin(1, None).await.unwrap().len() == 1);
 }

@@ -16,8 +16,8 @@ use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::StatusCode;
 use payfence_core::auth::{AuthError, Principal, Role};
 use payfence_core::domain::{
-    now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Mode, Plan,
-    Reason, Site, Token,
+    now_ms, rfc3339_ms, AdminEvent, AdminScope, ApiKey, AuditFilter, AuditRecord, DecisionKind,
+    Mode, Plan, Reason, Site, Token,
 };
 use payfence_core::http::{
     bearer, json, request_context, simple_rate_headers, ApiError, ApiJson, ApiPath,
@@ -1122,7 +1122,11 @@ async fn audit_trail(
                 .into_iter()
                 .map(|s| s.site_id)
                 .collect();
-            st.store().list_admin(limit, Some(&ids)).await?
+            let scope = AdminScope {
+                sites: &ids,
+                actor: &p.sub,
+            };
+            st.store().list_admin(limit, Some(scope)).await?
         }
         Role::Consumer => {
             return Err(ApiError::Forbidden(

@@ -1281,7 +1281,7 @@ impl AdminTrail for DynamoStore {
     async fn list_admin(
         &self,
         limit: usize,
-        site_ids: Option<&[String]>,
+        scope: Option<AdminScope<'_>>,
     ) -> Result<Vec<AdminEvent>> {
         let mut out = Vec::new();
         let mut start = None;
@@ -1299,9 +1299,7 @@ impl AdminTrail for DynamoStore {
                 .map_err(sdk)?;
             for item in page.items.unwrap_or_default() {
                 let e: AdminEvent = data(&item)?;
-                let visible =
-                    site_ids.is_none_or(|ids| e.site_id.as_ref().is_some_and(|s| ids.contains(s)));
-                if visible {
+                if scope.is_none_or(|scope| scope.shows(&e)) {
                     out.push(e);
                     if out.len() == limit {
                         return Ok(out);

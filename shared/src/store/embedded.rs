@@ -1164,19 +1164,14 @@ impl AdminTrail for EmbeddedStore {
     async fn list_admin(
         &self,
         limit: usize,
-        site_ids: Option<&[String]>,
+        scope: Option<AdminScope<'_>>,
     ) -> Result<Vec<AdminEvent>> {
         self.read_table(ADMIN, |t| {
             let mut out = Vec::new();
             for row in t.iter().map_err(unavailable)?.rev() {
                 let (_, v) = row.map_err(unavailable)?;
                 let e: AdminEvent = decode(v.value())?;
-                let visible = site_ids.is_none_or(|ids| {
-                    e.site_id
-                        .as_ref()
-                        .is_some_and(|s| ids.iter().any(|i| i == s))
-                });
-                if visible {
+                if scope.is_none_or(|scope| scope.shows(&e)) {
                     out.push(e);
                     if out.len() == limit {
                         break;

@@ -7,8 +7,8 @@
 use async_trait::async_trait;
 
 use crate::domain::{
-    AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Page, Plan, QuotaEvent, Reason,
-    Site, Token,
+    AdminEvent, AdminScope, ApiKey, AuditFilter, AuditRecord, DecisionKind, Page, Plan, QuotaEvent,
+    Reason, Site, Token,
 };
 use crate::limits::{Evaluation, PlanLimits, QuotaEventKind, TokenUsage, Verdict};
 
@@ -208,11 +208,11 @@ pub trait EventStore: Send + Sync {
 #[async_trait]
 pub trait AdminTrail: Send + Sync {
     async fn record_admin(&self, event: &AdminEvent) -> Result<()>;
-    /// Newest first; only those of `site_ids` when given.
+    /// Newest first; only those `scope` shows when given.
     async fn list_admin(
         &self,
         limit: usize,
-        site_ids: Option<&[String]>,
+        scope: Option<AdminScope<'_>>,
     ) -> Result<Vec<AdminEvent>>;
 }
 
