@@ -142,6 +142,16 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         .all(|e| e["actor"].is_string() && e["timestamp"].is_string()));
     let bob_trail: Value = app.get_json(&bob, "/api/audit-trail").await;
     assert_eq!(bob_trail["items"].as_array().unwrap().len(), 0);
+    // An admin's change to a site is in its owner's trail too.
+    app.create_key(&admin, &s.site_id).await;
+    let owner_trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;
+    assert_eq!(owner_trail["items"][0]["action"], "api_key.create");
+    assert_eq!(owner_trail["items"][0]["role"], "admin");
+    assert_eq!(
+        owner_trail["items"][0]["owner"],
+        owner_trail["items"][1]["owner"]
+    );
+    let trail: Value = app.get_json(&admin, "/api/audit-trail").await;
     let one: Value = app.get_json(&admin, "/api/audit-trail?limit=1").await;
     assert_eq!(one["items"].as_array().unwrap().len(), 1);
     assert_eq!(one["items"][0], trail["items"][0], "newest first");

@@ -222,20 +222,10 @@ pub struct AdminEvent {
     pub action: String,
     pub site_id: Option<String>,
     pub target: Option<String>,
-}
-
-/// The admin-trail entries a site owner sees: those about its sites, and its own
-/// changes (which keeps a deleted site's history, `site.delete` included, visible).
-#[derive(Clone, Copy, Debug)]
-pub struct AdminScope<'a> {
-    pub sites: &'a [String],
-    pub actor: &'a str,
-}
-
-impl AdminScope<'_> {
-    pub fn shows(&self, e: &AdminEvent) -> bool {
-        e.actor == self.actor || e.site_id.as_ref().is_some_and(|s| self.sites.contains(s))
-    }
+    /// The owner of the site changed, when the change was made: the site owner who
+    /// sees it in their trail (also after the site is deleted).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 pub fn rfc3339_ms(ts_ms: u64) -> String {

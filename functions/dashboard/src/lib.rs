@@ -16,8 +16,8 @@ use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::StatusCode;
 use payfence_core::auth::{AuthError, Principal, Role};
 use payfence_core::domain::{
-    now_ms, rfc3339_ms, AdminEvent, AdminScope, ApiKey, AuditFilter, AuditRecord, DecisionKind,
-    Mode, Plan, Reason, Site, Token,
+    now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Mode, Plan,
+    Reason, Site, Token,
 };
 use payfence_core::http::{
     bearer, json, request_context, simple_rate_headers, ApiError, ApiJson, ApiPath,
@@ -166,13 +166,15 @@ async fn managed_site(st: &AppState, p: &Principal, site_id: &str) -> Result<Sit
     }
 }
 
+/// Record a change to `site` (or to something of it, `target`) in the admin trail.
 async fn trail(
     st: &AppState,
     p: &Principal,
     action: &str,
-    site_id: Option<&str>,
+    site: &Site,
     target: Option<&str>,
 ) -> Result<(), ApiError> {
+    let site_id = site.site_id.as_str();
     let now = now_ms();
     st.store()
         .record_admin(&AdminEvent {
@@ -182,8 +184,9 @@ async fn trail(
             actor: p.sub.clone(),
             role: p.role.as_str().into(),
             action: action.into(),
-            site_id: site_id.map(Into::into),
+            site_id: Some(site_id.into()),
             target: target.map(Into::into),
+            owner: Some(site.owner.clone()),
         })
         .await?;
     tracing::info!(target: "payfence::admin", actor = %p.sub, action, site_id, target, "admin change");
@@ -306,7 +309,7 @@ async fn create_site(
         revision: 0,
     };
     st.store().create_site(&site).await?;
-    trail(&st, &p, "site.create", Some(&site.site_id), None).await?;
+    trail(&st, &p, "site.create", &site, None).await?;
     let mut v = site_view(&site);
     v["signing_secret"] = json!(secret);
     Ok(json(StatusCode::CREATED, &v))
@@ -372,7 +375,7 @@ async fn update_site(
     site.updated_at = now_ms() / 1000;
     st.store().update_site(&site).await?;
     st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "site.update", Some(&site_id), None).await?;
+    trail(&st, &p, "site.update", &site, None).await?;
     Ok(json(StatusCode::OK, &site_view(&site)))
 }
 
@@ -385,7 +388,7 @@ async fn delete_site(
     ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     use futures_util::{StreamExt, TryStreamExt};
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     let (store, now) = (st.store(), now_ms() / 1000);
     let active = store.list_tokens(&site_id).await?.into_iter();
     let active = active.filter(|t| t.revoked_at.is_none());
@@ -410,7 +413,7 @@ async fn delete_site(
         return Err(not_found("site"));
     }
     st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "site.delete", Some(&site_id), None).await?;
+    trail(&st, &p, "site.delete", &site, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -450,7 +453,7 @@ async fn rotate_secret(
     site.updated_at = now;
     st.store().update_site(&site).await?;
     st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "site.rotate_signing_secret", Some(&site_id), None).await?;
+    trail(&st, &p, "site.rotate_signing_secret", &site, None).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"signing_secret": secret, "previous_valid_until": site.previous_valid_until}),
@@ -502,7 +505,7 @@ async fn put_webhook(
     site.updated_at = now_ms() / 1000;
     st.store().update_site(&site).await?;
     st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "site.webhook", Some(&site_id), None).await?;
+    trail(&st, &p, "site.webhook", &site, None).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"url": site.webhook_url, "secret": shown}),
@@ -560,7 +563,7 @@ async fn create_plan(
     ApiPath(site_id): ApiPath<String>,
     ApiJson(b): ApiJson<CreatePlan>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     let now = now_ms() / 1000;
     let plan = Plan {
         plan_id: ids::plan_id(),
@@ -573,7 +576,7 @@ async fn create_plan(
         revision: 0,
     };
     st.store().create_plan(&plan).await?;
-    trail(&st, &p, "plan.create", Some(&site_id), Some(&plan.plan_id)).await?;
+    trail(&st, &p, "plan.create", &site, Some(&plan.plan_id)).await?;
     Ok(json(StatusCode::CREATED, &plan_view(&plan)))
 }
 
@@ -626,7 +629,7 @@ async fn update_plan(
     ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
     ApiJson(b): ApiJson<UpdatePlan>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     let mut plan = find_plan(&st, &site_id, &plan_id).await?;
     if let Some(v) = b.name {
         plan.name = check_plan_name(&v)?;
@@ -640,7 +643,7 @@ async fn update_plan(
     plan.updated_at = now_ms() / 1000;
     st.store().update_plan(&plan).await?;
     st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "plan.update", Some(&site_id), Some(&plan_id)).await?;
+    trail(&st, &p, "plan.update", &site, Some(&plan_id)).await?;
     Ok(json(StatusCode::OK, &plan_view(&plan)))
 }
 
@@ -651,7 +654,7 @@ async fn delete_plan(
     Extension(p): P,
     ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     find_plan(&st, &site_id, &plan_id).await?;
     let active = st
         .store()
@@ -669,7 +672,7 @@ async fn delete_plan(
         return Err(not_found("plan"));
     }
     st.gateway.invalidate_site(&site_id);
-    trail(&st, &p, "plan.delete", Some(&site_id), Some(&plan_id)).await?;
+    trail(&st, &p, "plan.delete", &site, Some(&plan_id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -714,7 +717,7 @@ async fn create_token(
     ApiPath(site_id): ApiPath<String>,
     ApiJson(b): ApiJson<CreateToken>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     find_plan(&st, &site_id, &b.plan_id)
         .await
         .map_err(|_| ApiError::invalid("plan_id", "no such plan on this site"))?;
@@ -733,14 +736,7 @@ async fn create_token(
         revoked_at: None,
     };
     st.store().create_token(&token).await?;
-    trail(
-        &st,
-        &p,
-        "token.create",
-        Some(&site_id),
-        Some(&token.token_id),
-    )
-    .await?;
+    trail(&st, &p, "token.create", &site, Some(&token.token_id)).await?;
     let mut v = token_view(&token);
     v["token"] = json!(secret);
     Ok(json(StatusCode::CREATED, &v))
@@ -796,13 +792,13 @@ async fn revoke_token(
     Extension(p): P,
     ApiPath((site_id, token_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     find_token(&st, &site_id, &token_id).await?;
     st.store()
         .revoke_token(&site_id, &token_id, now_ms() / 1000)
         .await?
         .ok_or_else(|| not_found("token"))?;
-    trail(&st, &p, "token.revoke", Some(&site_id), Some(&token_id)).await?;
+    trail(&st, &p, "token.revoke", &site, Some(&token_id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -815,7 +811,7 @@ async fn create_key(
     Extension(p): P,
     ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     let secret = ids::api_key();
     let key = ApiKey {
         key_id: ids::key_id(),
@@ -826,7 +822,7 @@ async fn create_key(
         revoked_at: None,
     };
     st.store().create_key(&key).await?;
-    trail(&st, &p, "api_key.create", Some(&site_id), Some(&key.key_id)).await?;
+    trail(&st, &p, "api_key.create", &site, Some(&key.key_id)).await?;
     let mut v = key_view(&key);
     v["key"] = json!(secret);
     Ok(json(StatusCode::CREATED, &v))
@@ -850,7 +846,7 @@ async fn revoke_key(
     Extension(p): P,
     ApiPath((site_id, key_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
-    managed_site(&st, &p, &site_id).await?;
+    let site = managed_site(&st, &p, &site_id).await?;
     if !ids::is_id(&key_id, "key_") {
         return Err(not_found("API key"));
     }
@@ -860,7 +856,7 @@ async fn revoke_key(
         .await?
         .ok_or_else(|| not_found("API key"))?;
     st.gateway.invalidate_key(&key.key_hash);
-    trail(&st, &p, "api_key.revoke", Some(&site_id), Some(&key_id)).await?;
+    trail(&st, &p, "api_key.revoke", &site, Some(&key_id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1114,20 +1110,7 @@ async fn audit_trail(
     let limit = parse_limit(&q)?;
     let events = match p.role {
         Role::Admin => st.store().list_admin(limit, None).await?,
-        Role::SiteOwner => {
-            let ids: Vec<String> = st
-                .store()
-                .list_sites(Some(&p.sub))
-                .await?
-                .into_iter()
-                .map(|s| s.site_id)
-                .collect();
-            let scope = AdminScope {
-                sites: &ids,
-                actor: &p.sub,
-            };
-            st.store().list_admin(limit, Some(scope)).await?
-        }
+        Role::SiteOwner => st.store().list_admin(limit, Some(&p.sub)).await?,
         Role::Consumer => {
             return Err(ApiError::Forbidden(
                 "consumers cannot read the audit trail".into(),

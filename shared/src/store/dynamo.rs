@@ -1272,45 +1272,50 @@ impl EventStore for DynamoStore {
 #[async_trait]
 impl AdminTrail for DynamoStore {
     async fn record_admin(&self, event: &AdminEvent) -> Result<()> {
-        let mut item = key("ADMIN", format!("{:013}#{}", event.ts_ms, event.id));
+        let sk = format!("{:013}#{}", event.ts_ms, event.id);
+        let mut item = key("ADMIN", sk.clone());
         if let Some(site) = &event.site_id {
             item.insert("site_id".into(), s(site));
         }
+        if let Some(owner) = &event.owner {
+            item.insert("gsi1pk".into(), s(format!("OWNER#{owner}#ADMIN")));
+            item.insert("gsi1sk".into(), s(sk));
+        }
         self.put_item(with_data(item, event)).await
     }
-    async fn list_admin(
-        &self,
-        limit: usize,
-        scope: Option<AdminScope<'_>>,
-    ) -> Result<Vec<AdminEvent>> {
+
+    async fn list_admin(&self, limit: usize, owner: Option<&str>) -> Result<Vec<AdminEvent>> {
+        let (index, pk_name, pk) = match owner {
+            Some(o) => (Some(GSI1), "gsi1pk", format!("OWNER#{o}#ADMIN")),
+            None => (None, "pk", "ADMIN".to_owned()),
+        };
         let mut out = Vec::new();
         let mut start = None;
-        loop {
+        while out.len() < limit {
             let page = self
                 .client
                 .query()
                 .table_name(&*self.table)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", s("ADMIN"))
+                .set_index_name(index.map(Into::into))
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", pk_name)
+                .expression_attribute_values(":pk", s(&pk))
                 .scan_index_forward(false)
+                .limit((limit - out.len()).try_into().unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(sdk)?;
             for item in page.items.unwrap_or_default() {
-                let e: AdminEvent = data(&item)?;
-                if scope.is_none_or(|scope| scope.shows(&e)) {
-                    out.push(e);
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
-                }
+                out.push(data(&item)?);
             }
             match page.last_evaluated_key {
                 Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(out),
+                _ => break,
             }
         }
+        out.truncate(limit);
+        Ok(out)
     }
 }
 

@@ -1161,17 +1161,13 @@ impl AdminTrail for EmbeddedStore {
         )
         .await
     }
-    async fn list_admin(
-        &self,
-        limit: usize,
-        scope: Option<AdminScope<'_>>,
-    ) -> Result<Vec<AdminEvent>> {
+    async fn list_admin(&self, limit: usize, owner: Option<&str>) -> Result<Vec<AdminEvent>> {
         self.read_table(ADMIN, |t| {
             let mut out = Vec::new();
             for row in t.iter().map_err(unavailable)?.rev() {
                 let (_, v) = row.map_err(unavailable)?;
                 let e: AdminEvent = decode(v.value())?;
-                if scope.is_none_or(|scope| scope.shows(&e)) {
+                if owner.is_none_or(|o| e.owner.as_deref() == Some(o)) {
                     out.push(e);
                     if out.len() == limit {
                         break;

@@ -7,8 +7,8 @@
 use async_trait::async_trait;
 
 use crate::domain::{
-    AdminEvent, AdminScope, ApiKey, AuditFilter, AuditRecord, DecisionKind, Page, Plan, QuotaEvent,
-    Reason, Site, Token,
+    AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Page, Plan, QuotaEvent, Reason,
+    Site, Token,
 };
 use crate::limits::{Evaluation, PlanLimits, QuotaEventKind, TokenUsage, Verdict};
 
@@ -208,12 +208,8 @@ pub trait EventStore: Send + Sync {
 #[async_trait]
 pub trait AdminTrail: Send + Sync {
     async fn record_admin(&self, event: &AdminEvent) -> Result<()>;
-    /// Newest first; only those `scope` shows when given.
-    async fn list_admin(
-        &self,
-        limit: usize,
-        scope: Option<AdminScope<'_>>,
-    ) -> Result<Vec<AdminEvent>>;
+    /// Newest first; only the changes to sites of `owner` when given.
+    async fn list_admin(&self, limit: usize, owner: Option<&str>) -> Result<Vec<AdminEvent>>;
 }
 
 #[async_trait]
