@@ -324,6 +324,32 @@ async fn a_broken_request_body_is_the_clients_400_not_a_502() {
 }
 
 #[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_501_and_not_forwarded() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    for coding in ["gzip, chunked", "x-custom, chunked"] {
+        let req = format!(
+            "POST /p/{}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Transfer-Encoding: {coding}\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            s.site_id, s.token
+        );
+        let res = raw_request(&app.base, req.as_bytes()).await;
+        assert!(res.starts_with("HTTP/1.1 501"), "{coding}: {res}");
+        assert!(res.contains("application/problem+json"), "{res}");
+    }
+    assert_eq!(s.origin.count(), 0);
+    // Plain chunked passes.
+    let req = format!(
+        "POST /p/{}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        s.site_id, s.token
+    );
+    let res = raw_request(&app.base, req.as_bytes()).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(s.origin.last().body_len, 3);
+}
+
+#[tokio::test]
 async fn stalled_headers_and_idle_connections_are_closed_but_slow_bodies_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = Config {

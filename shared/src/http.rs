@@ -44,6 +44,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A feature of HTTP the gateway does not implement (RFC 9110 §15.6.2).
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("rate limited")]
     TooManyRequests { retry_after: u64 },
     #[error("{0}")]
@@ -76,6 +79,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -94,6 +98,7 @@ impl ApiError {
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::NotImplemented(_) => "not-implemented",
             Self::TooManyRequests { .. } => "rate-limited",
             Self::BadGateway(_) => "origin-unreachable",
             Self::GatewayTimeout(_) => "origin-timeout",

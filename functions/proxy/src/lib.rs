@@ -136,6 +136,18 @@ fn has_dot_segment(path: &str) -> bool {
     }
 }
 
+/// A transfer coding other than `chunked` (which the server has already removed)?
+/// Forwarding such a body would hand the origin, say, gzip-compressed bytes labelled
+/// as the plain body; RFC 9112 §6.1 answers `501` instead.
+fn unknown_transfer_coding(h: &HeaderMap) -> Option<String> {
+    h.get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+        .map(str::to_owned)
+}
+
 fn denial(d: &Decision) -> Response {
     let reason = d.reason.map(|r| r.as_str()).unwrap_or("denied");
     let detail = match d.reason {
@@ -197,6 +209,11 @@ async fn handle(
         return Err(ApiError::BadRequest(
             "path must not contain . or .. segments".into(),
         ));
+    }
+    if let Some(coding) = unknown_transfer_coding(req.headers()) {
+        return Err(ApiError::NotImplemented(format!(
+            "transfer coding {coding:?} is not supported: send the body with Content-Length or chunked only"
+        )));
     }
     let site = st
         .app
