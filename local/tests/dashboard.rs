@@ -155,9 +155,16 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     let one: Value = app.get_json(&admin, "/api/audit-trail?limit=1").await;
     assert_eq!(one["items"].as_array().unwrap().len(), 1);
     assert_eq!(one["items"][0], trail["items"][0], "newest first");
-    let res = app.get(&admin, "/api/audit-trail?limit=abc").await;
-    assert_eq!(res.status(), 422);
-    assert_eq!(res.json::<Value>().await.unwrap()["field"], "limit");
+    let cursor = one["next_cursor"].as_str().unwrap();
+    let two: Value = app
+        .get_json(&admin, &format!("/api/audit-trail?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(two["items"][0], trail["items"][1], "the page after");
+    for (query, field) in [("limit=abc", "limit"), ("cursor=evt_1", "cursor")] {
+        let res = app.get(&admin, &format!("/api/audit-trail?{query}")).await;
+        assert_eq!(res.status(), 422);
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@ use payfence_core::ids;
 use payfence_core::limits::{PlanLimits, Verdict};
 use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
-use payfence_core::store::{AuditStore, CountRequest, Counted, Store, StoreError};
+use payfence_core::store::{
+    parse_admin_cursor, AuditStore, CountRequest, Counted, Store, StoreError,
+};
 
 const NOW: u64 = 1_795_000_020_000; // 2026-11, early in a minute
 
@@ -737,25 +739,43 @@ async fn failed_attempts_and_admin_trail(store: Arc<dyn Store>) {
             .unwrap();
     }
     let actions =
-        |events: Vec<AdminEvent>| events.into_iter().map(|e| e.action).collect::<Vec<_>>();
+        |page: Page<AdminEvent>| page.items.into_iter().map(|e| e.action).collect::<Vec<_>>();
+    let list = |limit, owner, before| store.list_admin(limit, owner, before);
     assert_eq!(
-        actions(store.list_admin(10, Some("alice")).await.unwrap()),
+        actions(list(10, Some("alice"), None).await.unwrap()),
         ["a3", "a2", "a0"]
     );
+    assert_eq!(actions(list(10, Some("bob"), None).await.unwrap()), ["a4"]);
+    assert!(list(10, Some("dave"), None).await.unwrap().items.is_empty());
     assert_eq!(
-        actions(store.list_admin(2, Some("alice")).await.unwrap()),
-        ["a3", "a2"]
-    );
-    assert_eq!(
-        actions(store.list_admin(10, Some("bob")).await.unwrap()),
-        ["a4"]
-    );
-    assert!(store.list_admin(10, Some("dave")).await.unwrap().is_empty());
-    assert_eq!(
-        actions(store.list_admin(10, None).await.unwrap()),
+        actions(list(10, None, None).await.unwrap()),
         ["a4", "a3", "a2", "a1", "a0"]
     );
-    assert_eq!(store.list_admin(1, None).await.unwrap().len(), 1);
+
+    // Pages: newest first, each continuing where the last ended, the last without a
+    // cursor.
+    for owner in [Some("alice"), None] {
+        let mut seen = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let cursor = before.as_deref().map(|c| parse_admin_cursor(c).unwrap());
+            let page = store.list_admin(2, owner, cursor).await.unwrap();
+            assert!(page.items.len() <= 2);
+            seen.extend(page.items.iter().map(|e| e.action.clone()));
+            match page.next_cursor {
+                Some(c) => before = Some(c),
+                None => break,
+            }
+        }
+        let all = actions(list(10, owner, None).await.unwrap());
+        assert_eq!(seen, all, "{owner:?}");
+    }
+    let rest = list(3, Some("alice"), None).await.unwrap();
+    assert_eq!(
+        rest.next_cursor, None,
+        "nothing follows a page that holds the rest"
+    );
+    assert_eq!(list(1, None, None).await.unwrap().items.len(), 1);
 }
 
 macro_rules! conformance {

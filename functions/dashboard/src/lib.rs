@@ -25,6 +25,7 @@ use payfence_core::http::{
 };
 use payfence_core::limits::{self, period_end_unix, period_of};
 use payfence_core::origin::validate_origin_url;
+use payfence_core::store::parse_admin_cursor;
 use payfence_core::{ids, AppState};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -1106,16 +1107,24 @@ async fn audit_trail(
     Extension(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    only_params(&q, &["limit"])?;
+    only_params(&q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
-    let events = match p.role {
-        Role::Admin => st.store().list_admin(limit, None).await?,
-        Role::SiteOwner => st.store().list_admin(limit, Some(&p.sub)).await?,
+    let before = match q.get("cursor") {
+        None => None,
+        Some(c) => Some(
+            parse_admin_cursor(c)
+                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor from this list"))?,
+        ),
+    };
+    let owner = match p.role {
+        Role::Admin => None,
+        Role::SiteOwner => Some(p.sub.as_str()),
         Role::Consumer => {
             return Err(ApiError::Forbidden(
                 "consumers cannot read the audit trail".into(),
             ))
         }
     };
-    Ok(json(StatusCode::OK, &json!({"items": events})))
+    let page = st.store().list_admin(limit, owner, before).await?;
+    Ok(json(StatusCode::OK, &page))
 }

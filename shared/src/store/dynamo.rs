@@ -1284,38 +1284,50 @@ impl AdminTrail for DynamoStore {
         self.put_item(with_data(item, event)).await
     }
 
-    async fn list_admin(&self, limit: usize, owner: Option<&str>) -> Result<Vec<AdminEvent>> {
-        let (index, pk_name, pk) = match owner {
-            Some(o) => (Some(GSI1), "gsi1pk", format!("OWNER#{o}#ADMIN")),
-            None => (None, "pk", "ADMIN".to_owned()),
+    async fn list_admin(
+        &self,
+        limit: usize,
+        owner: Option<&str>,
+        before: Option<(u64, &str)>,
+    ) -> Result<Page<AdminEvent>> {
+        let (index, pk_name, sk_name, pk) = match owner {
+            Some(o) => (Some(GSI1), "gsi1pk", "gsi1sk", format!("OWNER#{o}#ADMIN")),
+            None => (None, "pk", "sk", "ADMIN".to_owned()),
         };
-        let mut out = Vec::new();
+        let mut q = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .set_index_name(index.map(Into::into))
+            .expression_attribute_names("#pk", pk_name)
+            .expression_attribute_values(":pk", s(&pk))
+            .scan_index_forward(false);
+        q = match before {
+            Some((ts, id)) => q
+                .key_condition_expression("#pk = :pk AND #sk < :before")
+                .expression_attribute_names("#sk", sk_name)
+                .expression_attribute_values(":before", s(format!("{ts:013}#{id}"))),
+            None => q.key_condition_expression("#pk = :pk"),
+        };
+        let mut items = Vec::new();
         let mut start = None;
-        while out.len() < limit {
-            let page = self
-                .client
-                .query()
-                .table_name(&*self.table)
-                .set_index_name(index.map(Into::into))
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", pk_name)
-                .expression_attribute_values(":pk", s(&pk))
-                .scan_index_forward(false)
-                .limit((limit - out.len()).try_into().unwrap_or(i32::MAX))
+        while items.len() <= limit {
+            let page = q
+                .clone()
+                .limit((limit + 1 - items.len()).try_into().unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(sdk)?;
             for item in page.items.unwrap_or_default() {
-                out.push(data(&item)?);
+                items.push(data(&item)?);
             }
             match page.last_evaluated_key {
                 Some(k) if !k.is_empty() => start = Some(k),
                 _ => break,
             }
         }
-        out.truncate(limit);
-        Ok(out)
+        Ok(admin_page(items, limit))
     }
 }
 

@@ -1161,20 +1161,28 @@ impl AdminTrail for EmbeddedStore {
         )
         .await
     }
-    async fn list_admin(&self, limit: usize, owner: Option<&str>) -> Result<Vec<AdminEvent>> {
+    async fn list_admin(
+        &self,
+        limit: usize,
+        owner: Option<&str>,
+        before: Option<(u64, &str)>,
+    ) -> Result<Page<AdminEvent>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let end = before.map(|(ts, id)| format!("{ts:013}/{id}"));
         self.read_table(ADMIN, |t| {
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)?.rev() {
+            let range = (Unbounded, end.as_deref().map_or(Unbounded, Excluded));
+            let mut items = Vec::new();
+            for row in t.range::<&str>(range).map_err(unavailable)?.rev() {
                 let (_, v) = row.map_err(unavailable)?;
                 let e: AdminEvent = decode(v.value())?;
                 if owner.is_none_or(|o| e.owner.as_deref() == Some(o)) {
-                    out.push(e);
-                    if out.len() == limit {
+                    items.push(e);
+                    if items.len() > limit {
                         break;
                     }
                 }
             }
-            Ok(out)
+            Ok(admin_page(items, limit))
         })
     }
 }

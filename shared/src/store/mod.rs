@@ -205,11 +205,40 @@ pub trait EventStore: Send + Sync {
     async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>>;
 }
 
+/// The admin trail's page cursor: `{ts_ms:013}.{id}` of the last event shown.
+pub fn admin_cursor(e: &AdminEvent) -> String {
+    format!("{:013}.{}", e.ts_ms, e.id)
+}
+
+/// The `(ts_ms, id)` of a cursor [`admin_cursor`] wrote.
+pub fn parse_admin_cursor(c: &str) -> Option<(u64, &str)> {
+    let (ts, id) = c.split_once('.')?;
+    if ts.len() != 13 || !ts.bytes().all(|b| b.is_ascii_digit()) || !crate::ids::is_id(id, "evt_") {
+        return None;
+    }
+    Some((ts.parse().ok()?, id))
+}
+
+/// The page of the first `limit` of `items` (read up to `limit + 1`, newest first).
+fn admin_page(mut items: Vec<AdminEvent>, limit: usize) -> Page<AdminEvent> {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next_cursor = items.last().filter(|_| more).map(admin_cursor);
+    Page { items, next_cursor }
+}
+
 #[async_trait]
 pub trait AdminTrail: Send + Sync {
     async fn record_admin(&self, event: &AdminEvent) -> Result<()>;
-    /// Newest first; only the changes to sites of `owner` when given.
-    async fn list_admin(&self, limit: usize, owner: Option<&str>) -> Result<Vec<AdminEvent>>;
+    /// Newest first; only the changes to sites of `owner` when given; only those
+    /// older than `before` (an event's `(ts_ms, id)`) when given. `next_cursor` is the
+    /// last item's `(ts_ms, id)` as [`admin_cursor`] writes it, when more follow.
+    async fn list_admin(
+        &self,
+        limit: usize,
+        owner: Option<&str>,
+        before: Option<(u64, &str)>,
+    ) -> Result<Page<AdminEvent>>;
 }
 
 #[async_trait]
