@@ -795,6 +795,9 @@ async fn logs_filter_paginate_and_export() {
         async move { app.logs(&s.owner, &s.site_id, &query).await }
     };
     assert_eq!(q("").await["items"].as_array().unwrap().len(), 9);
+    // API.md's template, every parameter empty: no filter.
+    let empty = "token_id=&plan=&decision=&reason=&from=&to=&path_prefix=&limit=&cursor=";
+    assert_eq!(q(empty).await["items"].as_array().unwrap().len(), 9);
     assert_eq!(
         q("decision=allow").await["items"].as_array().unwrap().len(),
         6
@@ -899,6 +902,7 @@ async fn logs_filter_paginate_and_export() {
         ("logs?mode=lambda", "mode"),
         ("logs/export?format=csv&limit=5", "limit"),
         ("tokens?plan=pro", "plan"),
+        ("tokens?limit=&plan=pro", "plan"),
     ] {
         let res = app
             .get(&s.owner, &format!("/api/sites/{}/{path}", s.site_id))

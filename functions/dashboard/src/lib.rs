@@ -752,7 +752,7 @@ async fn list_tokens(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    only_params(&q, &["limit", "cursor"])?;
+    let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
     let after = q.get("cursor").map(String::as_str);
     if after.is_some_and(|c| !ids::is_id(c, "tok_")) {
@@ -861,9 +861,15 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// A query parameter a route does not take is refused rather than ignored, so that a
-/// misspelt filter (`?decison=deny`) is not read as "no filter".
-fn only_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+/// The query parameters of a list route, those with an empty value (`?cursor=`, as
+/// in API.md's `logs?token_id=&plan=…`) left out as not given. A parameter the route
+/// does not take is refused rather than ignored, so that a misspelt filter
+/// (`?decison=deny`) is not read as "no filter".
+fn params(
+    mut q: HashMap<String, String>,
+    known: &[&str],
+) -> Result<HashMap<String, String>, ApiError> {
+    q.retain(|_, v| !v.is_empty());
     match q.keys().find(|k| !known.contains(&k.as_str())) {
         Some(k) => Err(ApiError::invalid(
             k,
@@ -872,7 +878,7 @@ fn only_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiErr
                 known.join(", ")
             ),
         )),
-        None => Ok(()),
+        None => Ok(q),
     }
 }
 
@@ -916,7 +922,7 @@ fn parse_time(field: &str, v: &str) -> Result<u64, ApiError> {
 }
 
 fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
-    let get = |k: &str| q.get(k).map(|s| s.as_str()).filter(|s| !s.is_empty());
+    let get = |k: &str| q.get(k).map(|s| s.as_str());
     Ok(AuditFilter {
         token_id: get("token_id").map(Into::into),
         plan: get("plan").map(Into::into),
@@ -948,7 +954,7 @@ async fn query_logs(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    only_params(&q, &[&FILTERS[..], &["limit", "cursor"]].concat())?;
+    let q = params(q, &[&FILTERS[..], &["limit", "cursor"]].concat())?;
     let filter = parse_filter(&q)?;
     let limit = parse_limit(&q)?;
     let page = st
@@ -1016,7 +1022,7 @@ async fn export_logs(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    only_params(&q, &[&FILTERS[..], &["format"]].concat())?;
+    let q = params(q, &[&FILTERS[..], &["format"]].concat())?;
     let filter = Arc::new(parse_filter(&q)?);
     let csv = match q.get("format").map(|s| s.as_str()) {
         None | Some("ndjson") => false,
@@ -1107,7 +1113,7 @@ async fn audit_trail(
     Extension(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    only_params(&q, &["limit", "cursor"])?;
+    let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
     let before = match q.get("cursor") {
         None => None,
