@@ -5,5 +5,6 @@ async fn main() -> Result<(), lambda_http::Error> {
     payfence_core::telemetry::init();
     let state = payfence_core::AppState::from_env(true).await?;
     let store = state.gateway.store().clone();
-    payfence_core::lambda::run(store, payfence_dashboard::router(state)).await
+    // Streamed, so that a logs export is not cut at the 6 MB of a buffered answer.
+    payfence_core::lambda::run_streaming(store, payfence_dashboard::router(state)).await
 }

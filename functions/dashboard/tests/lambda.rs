@@ -31,6 +31,10 @@ async fn dashboard_needs_a_jwt() {
         .await;
     assert_eq!(emulator.init_error(), None);
     assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(
+        answers[0].streaming,
+        "the dashboard answers in response-streaming mode (logs exports past 6 MB)"
+    );
     let (status, headers, _) = answers[0].http();
     assert_eq!(status, 401);
     assert_eq!(headers["www-authenticate"], "Bearer");
