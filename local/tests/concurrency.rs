@@ -92,6 +92,19 @@ async fn quota_is_exact_under_32_concurrent_clients_and_warns_once() {
         "{kinds:?}"
     );
     assert!(kinds.contains(&("warning", 80)) && kinds.contains(&("exhausted", 100)));
+    assert_eq!(events["next_cursor"], Value::Null);
+    // In pages of one: the same events, then no cursor.
+    let events_url = format!("/api/sites/{}/events?limit=1", s.site_id);
+    let first: Value = app.get_json(&s.owner, &events_url).await;
+    assert_eq!(first["items"][0], events["items"][0]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second: Value = app
+        .get_json(&s.owner, &format!("{events_url}&cursor={cursor}"))
+        .await;
+    assert_eq!(second["items"][0], events["items"][1]);
+    assert_eq!(second["next_cursor"], Value::Null);
+    let bad = app.get(&s.owner, &format!("{events_url}&cursor=x")).await;
+    assert_eq!(bad.status(), 422);
 
     // Token usage agrees; the audit log has all 320 decisions.
     let t: Value = app

@@ -9,7 +9,7 @@ use payfence_core::limits::{PlanLimits, Verdict};
 use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::{
-    parse_admin_cursor, AuditStore, CountRequest, Counted, Store, StoreError,
+    parse_admin_cursor, parse_event_cursor, AuditStore, CountRequest, Counted, Store, StoreError,
 };
 
 const NOW: u64 = 1_795_000_020_000; // 2026-11, early in a minute
@@ -419,16 +419,26 @@ async fn quota_exact_under_concurrency_and_events_once(store: Arc<dyn Store>) {
     assert!(
         matches!(denied, Counted::Evaluated(e) if e.verdict == Verdict::QuotaExceeded && e.remaining_quota == 0)
     );
-    let events = store.list_events(&s.site_id).await.unwrap();
-    let mut kinds: Vec<(String, u64)> = events
+    let events = store.list_events(&s.site_id, 10, None).await.unwrap();
+    assert_eq!(events.next_cursor, None);
+    let kinds: Vec<(String, u64)> = events
+        .items
         .iter()
         .map(|e| (format!("{:?}", e.kind), e.used))
         .collect();
-    kinds.sort();
+    // In key order: by token, month, then kind.
     assert_eq!(
         kinds,
         vec![("Exhausted".to_string(), 100), ("Warning".to_string(), 80)]
     );
+    // One at a time: each page continues where the last ended.
+    let first = store.list_events(&s.site_id, 1, None).await.unwrap();
+    assert_eq!(first.items, events.items[..1]);
+    let cursor = first.next_cursor.unwrap();
+    let after = parse_event_cursor(&cursor).unwrap();
+    let second = store.list_events(&s.site_id, 1, Some(after)).await.unwrap();
+    assert_eq!(second.items, events.items[1..]);
+    assert_eq!(second.next_cursor, None);
 }
 
 async fn revocation_and_missing_tokens(store: Arc<dyn Store>) {

@@ -25,7 +25,7 @@ use payfence_core::http::{
 };
 use payfence_core::limits::{self, period_end_unix, period_of};
 use payfence_core::origin::validate_origin_url;
-use payfence_core::store::parse_admin_cursor;
+use payfence_core::store::{parse_admin_cursor, parse_event_cursor};
 use payfence_core::{ids, AppState};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -1087,14 +1087,26 @@ async fn export_logs(
     Ok(res)
 }
 
+/// A page of the site's quota events (by token, then month); `next_cursor`
+/// continues it.
 async fn list_events(
     State(st): State<AppState>,
     Extension(p): P,
     ApiPath(site_id): ApiPath<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    let events = st.store().list_events(&site_id).await?;
-    Ok(json(StatusCode::OK, &json!({"items": events})))
+    let q = params(q, &["limit", "cursor"])?;
+    let limit = parse_limit(&q)?;
+    let after = match q.get("cursor") {
+        None => None,
+        Some(c) => Some(
+            parse_event_cursor(c)
+                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor from this list"))?,
+        ),
+    };
+    let page = st.store().list_events(&site_id, limit, after).await?;
+    Ok(json(StatusCode::OK, &page))
 }
 
 /// A consumer's own tokens (any role may call it for the tokens assigned to it).

@@ -1255,17 +1255,43 @@ impl AuditStore for DynamoStore {
 
 #[async_trait]
 impl EventStore for DynamoStore {
-    async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>> {
-        self.query_all(
-            None,
-            "pk",
-            &format!("SITE#{site_id}"),
-            Some(("sk", "EVENT#")),
-        )
-        .await?
-        .iter()
-        .map(data)
-        .collect()
+    async fn list_events(
+        &self,
+        site_id: &str,
+        limit: usize,
+        after: Option<(&str, u32, &str)>,
+    ) -> Result<Page<QuotaEvent>> {
+        let q = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+            .expression_attribute_values(":pk", s(format!("SITE#{site_id}")))
+            .expression_attribute_values(":p", s("EVENT#"));
+        let mut items = Vec::new();
+        let mut start = after.map(|(token, period, kind)| {
+            key(
+                format!("SITE#{site_id}"),
+                format!("EVENT#{token}#{period}#{kind}"),
+            )
+        });
+        while items.len() <= limit {
+            let page = q
+                .clone()
+                .limit((limit + 1 - items.len()).try_into().unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(sdk)?;
+            for item in page.items.unwrap_or_default() {
+                items.push(data(&item)?);
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(events_page(items, limit))
     }
 }
 

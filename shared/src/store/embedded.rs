@@ -1145,9 +1145,30 @@ impl AuditPage {
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
-    async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>> {
+    async fn list_events(
+        &self,
+        site_id: &str,
+        limit: usize,
+        after: Option<(&str, u32, &str)>,
+    ) -> Result<Page<QuotaEvent>> {
+        use std::ops::Bound::{Excluded, Included};
         self.shared.wal.sync().await?;
-        self.read_table(EVENTS, |t| list_prefix(t, site_id))
+        let start = match after {
+            Some((token, period, kind)) => Excluded(format!("{site_id}/{token}/{period}/{kind}")),
+            None => Included(format!("{site_id}/")),
+        };
+        let end = Excluded(format!("{site_id}0")); // '0' sorts right after '/'
+        self.read_table(EVENTS, |t| {
+            let range = (
+                start.as_ref().map(String::as_str),
+                end.as_ref().map(String::as_str),
+            );
+            let mut items = Vec::new();
+            for row in t.range::<&str>(range).map_err(unavailable)?.take(limit + 1) {
+                items.push(decode(row.map_err(unavailable)?.1.value())?);
+            }
+            Ok(events_page(items, limit))
+        })
     }
 }
 

@@ -202,7 +202,40 @@ pub trait AuditStore: Send + Sync {
 
 #[async_trait]
 pub trait EventStore: Send + Sync {
-    async fn list_events(&self, site_id: &str) -> Result<Vec<QuotaEvent>>;
+    /// A page of a site's quota events, ordered by token id, then month, then kind;
+    /// after the event `after` (`(token_id, yyyymm, kind)`) when given. `next_cursor`
+    /// is the last item's key as [`event_cursor`] writes it, when more follow.
+    async fn list_events(
+        &self,
+        site_id: &str,
+        limit: usize,
+        after: Option<(&str, u32, &str)>,
+    ) -> Result<Page<QuotaEvent>>;
+}
+
+/// The quota events' page cursor: `{token_id}.{yyyymm}.{kind}` of the last event shown.
+pub fn event_cursor(e: &QuotaEvent) -> String {
+    format!("{}.{}.{}", e.token_id, e.period, e.kind.as_str())
+}
+
+/// The `(token_id, yyyymm, kind)` of a cursor [`event_cursor`] wrote.
+pub fn parse_event_cursor(c: &str) -> Option<(&str, u32, &str)> {
+    let mut parts = c.split('.');
+    let (token_id, period, kind) = (parts.next()?, parts.next()?, parts.next()?);
+    let valid = parts.next().is_none()
+        && crate::ids::is_id(token_id, "tok_")
+        && period.len() == 6
+        && period.bytes().all(|b| b.is_ascii_digit())
+        && matches!(kind, "warning" | "exhausted");
+    valid.then_some((token_id, period.parse().ok()?, kind))
+}
+
+/// The page of the first `limit` of `items` (read up to `limit + 1`).
+fn events_page(mut items: Vec<QuotaEvent>, limit: usize) -> Page<QuotaEvent> {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next_cursor = items.last().filter(|_| more).map(event_cursor);
+    Page { items, next_cursor }
 }
 
 /// The admin trail's page cursor: `{ts_ms:013}.{id}` of the last event shown.
