@@ -1291,7 +1291,7 @@ impl EventStore for DynamoStore {
                 _ => break,
             }
         }
-        Ok(events_page(items, limit))
+        Ok(page_of(items, limit, event_cursor))
     }
 }
 
@@ -1353,7 +1353,7 @@ impl AdminTrail for DynamoStore {
                 _ => break,
             }
         }
-        Ok(admin_page(items, limit))
+        Ok(page_of(items, limit, admin_cursor))
     }
 }
 

@@ -100,12 +100,27 @@ fn list_prefix<T: DeserializeOwned>(
     t: &impl ReadableTable<&'static str, &'static [u8]>,
     prefix: &str,
 ) -> Result<Vec<T>> {
-    let start = format!("{prefix}/");
+    list_prefix_after(t, prefix, None, usize::MAX)
+}
+
+/// Up to `n` values of the keys `{prefix}/…` in key order, after `{prefix}/{after}`
+/// when given.
+fn list_prefix_after<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+    after: Option<&str>,
+    n: usize,
+) -> Result<Vec<T>> {
+    use std::ops::Bound::{Excluded, Included};
+    let start = match after {
+        Some(key) => Excluded(format!("{prefix}/{key}")),
+        None => Included(format!("{prefix}/")),
+    };
     let end = format!("{prefix}0"); // '0' sorts right after '/'
+    let range = (start.as_ref().map(String::as_str), Excluded(end.as_str()));
     let mut out = Vec::new();
-    for row in t.range(start.as_str()..end.as_str()).map_err(unavailable)? {
-        let (_, v) = row.map_err(unavailable)?;
-        out.push(decode(v.value())?);
+    for row in t.range::<&str>(range).map_err(unavailable)?.take(n) {
+        out.push(decode(row.map_err(unavailable)?.1.value())?);
     }
     Ok(out)
 }
@@ -639,26 +654,8 @@ impl TokenStore for EmbeddedStore {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Token>> {
-        use std::ops::Bound::{Excluded, Included};
-        let start = match after {
-            Some(id) => Excluded(format!("{site_id}/{id}")),
-            None => Included(format!("{site_id}/")),
-        };
-        let end = Excluded(format!("{site_id}0")); // '0' sorts right after '/'
-        self.read_table(TOKENS, |t| {
-            let range = (
-                start.as_ref().map(String::as_str),
-                end.as_ref().map(String::as_str),
-            );
-            let mut items = Vec::new();
-            for row in t.range::<&str>(range).map_err(unavailable)?.take(limit + 1) {
-                items.push(decode::<Token>(row.map_err(unavailable)?.1.value())?);
-            }
-            let more = items.len() > limit;
-            items.truncate(limit);
-            let next_cursor = items.last().filter(|_| more).map(|t| t.token_id.clone());
-            Ok(Page { items, next_cursor })
-        })
+        let items = self.read_table(TOKENS, |t| list_prefix_after(t, site_id, after, limit + 1))?;
+        Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
     async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
         self.read_table(TOKENS, |t| {
@@ -1151,24 +1148,12 @@ impl EventStore for EmbeddedStore {
         limit: usize,
         after: Option<(&str, u32, &str)>,
     ) -> Result<Page<QuotaEvent>> {
-        use std::ops::Bound::{Excluded, Included};
         self.shared.wal.sync().await?;
-        let start = match after {
-            Some((token, period, kind)) => Excluded(format!("{site_id}/{token}/{period}/{kind}")),
-            None => Included(format!("{site_id}/")),
-        };
-        let end = Excluded(format!("{site_id}0")); // '0' sorts right after '/'
-        self.read_table(EVENTS, |t| {
-            let range = (
-                start.as_ref().map(String::as_str),
-                end.as_ref().map(String::as_str),
-            );
-            let mut items = Vec::new();
-            for row in t.range::<&str>(range).map_err(unavailable)?.take(limit + 1) {
-                items.push(decode(row.map_err(unavailable)?.1.value())?);
-            }
-            Ok(events_page(items, limit))
-        })
+        let after = after.map(|(token, period, kind)| format!("{token}/{period}/{kind}"));
+        let items = self.read_table(EVENTS, |t| {
+            list_prefix_after(t, site_id, after.as_deref(), limit + 1)
+        })?;
+        Ok(page_of(items, limit, event_cursor))
     }
 }
 
@@ -1203,7 +1188,7 @@ impl AdminTrail for EmbeddedStore {
                     }
                 }
             }
-            Ok(admin_page(items, limit))
+            Ok(page_of(items, limit, admin_cursor))
         })
     }
 }

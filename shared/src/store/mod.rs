@@ -230,11 +230,12 @@ pub fn parse_event_cursor(c: &str) -> Option<(&str, u32, &str)> {
     valid.then_some((token_id, period.parse().ok()?, kind))
 }
 
-/// The page of the first `limit` of `items` (read up to `limit + 1`).
-fn events_page(mut items: Vec<QuotaEvent>, limit: usize) -> Page<QuotaEvent> {
+/// The page of the first `limit` of `items`, read up to `limit + 1` to know whether
+/// more follow; when they do, `next_cursor` is `cursor` of the last item shown.
+fn page_of<T>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> String) -> Page<T> {
     let more = items.len() > limit;
     items.truncate(limit);
-    let next_cursor = items.last().filter(|_| more).map(event_cursor);
+    let next_cursor = items.last().filter(|_| more).map(cursor);
     Page { items, next_cursor }
 }
 
@@ -250,14 +251,6 @@ pub fn parse_admin_cursor(c: &str) -> Option<(u64, &str)> {
         return None;
     }
     Some((ts.parse().ok()?, id))
-}
-
-/// The page of the first `limit` of `items` (read up to `limit + 1`, newest first).
-fn admin_page(mut items: Vec<AdminEvent>, limit: usize) -> Page<AdminEvent> {
-    let more = items.len() > limit;
-    items.truncate(limit);
-    let next_cursor = items.last().filter(|_| more).map(admin_cursor);
-    Page { items, next_cursor }
 }
 
 #[async_trait]
