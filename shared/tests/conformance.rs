@@ -290,6 +290,12 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         }
         assert_eq!(seen, all, "limit {limit}");
     }
+    let exactly = store
+        .list_tokens_page(&s.site_id, all.len(), None)
+        .await
+        .unwrap();
+    assert_eq!(exactly.items.len(), all.len());
+    assert_eq!(exactly.next_cursor, None, "a full last page has no cursor");
     let other_site = store
         .list_tokens_page("site_0000000000000000", 10, None)
         .await

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
@@ -444,6 +445,34 @@ impl DynamoStore {
                 _ => return Ok(out),
             }
         }
+    }
+
+    /// The `d` of up to `n` items of query `q`, after the key `start` when given:
+    /// a page of at most `n - 1`, read one further to know whether more follow.
+    async fn query_up_to<T: DeserializeOwned>(
+        &self,
+        q: QueryFluentBuilder,
+        n: usize,
+        mut start: Option<Item>,
+    ) -> Result<Vec<T>> {
+        let mut items = Vec::new();
+        while items.len() < n {
+            let page = q
+                .clone()
+                .limit((n - items.len()).try_into().unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(sdk)?;
+            for item in page.items.unwrap_or_default() {
+                items.push(data(&item)?);
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(items)
     }
 
     /// Rewrite the `d` of an existing item by read-modify-write.
@@ -964,28 +993,15 @@ impl TokenStore for DynamoStore {
             k.insert("gsi1sk".into(), s(format!("TOKEN#{id}")));
             k
         });
-        let page = self
+        let q = self
             .client
             .query()
             .table_name(&*self.table)
             .index_name(GSI1)
             .key_condition_expression("gsi1pk = :pk")
-            .expression_attribute_values(":pk", s(&index_pk))
-            .limit(limit.try_into().unwrap_or(i32::MAX))
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(sdk)?;
-        let items: Vec<Token> = page
-            .items
-            .unwrap_or_default()
-            .iter()
-            .map(data)
-            .collect::<Result<_>>()?;
-        // DynamoDB may say more could follow when the page merely ended full.
-        let more = page.last_evaluated_key.is_some_and(|k| !k.is_empty());
-        let next_cursor = items.last().filter(|_| more).map(|t| t.token_id.clone());
-        Ok(Page { items, next_cursor })
+            .expression_attribute_values(":pk", s(&index_pk));
+        let items = self.query_up_to(q, limit + 1, start).await?;
+        Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
     async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
         self.query_all(Some(GSI2), "gsi2pk", &format!("CONSUMER#{consumer}"), None)
@@ -1268,29 +1284,13 @@ impl EventStore for DynamoStore {
             .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
             .expression_attribute_values(":pk", s(format!("SITE#{site_id}")))
             .expression_attribute_values(":p", s("EVENT#"));
-        let mut items = Vec::new();
-        let mut start = after.map(|(token, period, kind)| {
+        let start = after.map(|(token, period, kind)| {
             key(
                 format!("SITE#{site_id}"),
                 format!("EVENT#{token}#{period}#{kind}"),
             )
         });
-        while items.len() <= limit {
-            let page = q
-                .clone()
-                .limit((limit + 1 - items.len()).try_into().unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(sdk)?;
-            for item in page.items.unwrap_or_default() {
-                items.push(data(&item)?);
-            }
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
-        }
+        let items = self.query_up_to(q, limit + 1, start).await?;
         Ok(page_of(items, limit, event_cursor))
     }
 }
@@ -1335,24 +1335,7 @@ impl AdminTrail for DynamoStore {
                 .expression_attribute_values(":before", s(format!("{ts:013}#{id}"))),
             None => q.key_condition_expression("#pk = :pk"),
         };
-        let mut items = Vec::new();
-        let mut start = None;
-        while items.len() <= limit {
-            let page = q
-                .clone()
-                .limit((limit + 1 - items.len()).try_into().unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(sdk)?;
-            for item in page.items.unwrap_or_default() {
-                items.push(data(&item)?);
-            }
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
-        }
+        let items = self.query_up_to(q, limit + 1, None).await?;
         Ok(page_of(items, limit, admin_cursor))
     }
 }
