@@ -754,10 +754,7 @@ async fn list_tokens(
     managed_site(&st, &p, &site_id).await?;
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
-    let after = q.get("cursor").map(String::as_str);
-    if after.is_some_and(|c| !ids::is_id(c, "tok_")) {
-        return Err(ApiError::invalid("cursor", "not a cursor from this list"));
-    }
+    let after = parse_cursor(&q, |c| ids::is_id(c, "tok_").then_some(c))?;
     let page = st.store().list_tokens_page(&site_id, limit, after).await?;
     Ok(json(
         StatusCode::OK,
@@ -893,6 +890,16 @@ const FILTERS: [&str; 8] = [
     "path_prefix",
     "mode",
 ];
+
+/// `cursor`, if given, as `parse` reads it: a cursor of another list is a `422`.
+fn parse_cursor<'q, T>(
+    q: &'q HashMap<String, String>,
+    parse: impl Fn(&'q str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    q.get("cursor")
+        .map(|c| parse(c).ok_or_else(|| ApiError::invalid("cursor", "not a cursor from this list")))
+        .transpose()
+}
 
 /// `limit`: 1–1000, default 100.
 fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
@@ -1098,13 +1105,7 @@ async fn list_events(
     managed_site(&st, &p, &site_id).await?;
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
-    let after = match q.get("cursor") {
-        None => None,
-        Some(c) => Some(
-            parse_event_cursor(c)
-                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor from this list"))?,
-        ),
-    };
+    let after = parse_cursor(&q, parse_event_cursor)?;
     let page = st.store().list_events(&site_id, limit, after).await?;
     Ok(json(StatusCode::OK, &page))
 }
@@ -1127,13 +1128,7 @@ async fn audit_trail(
 ) -> ApiResult {
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
-    let before = match q.get("cursor") {
-        None => None,
-        Some(c) => Some(
-            parse_admin_cursor(c)
-                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor from this list"))?,
-        ),
-    };
+    let before = parse_cursor(&q, parse_admin_cursor)?;
     let owner = match p.role {
         Role::Admin => None,
         Role::SiteOwner => Some(p.sub.as_str()),
