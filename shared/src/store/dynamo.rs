@@ -813,29 +813,9 @@ impl SiteStore for DynamoStore {
                 )
                 .await?
             }
-            None => {
-                // Admin listing: every site record (rare; a scan with a filter).
-                let mut out = Vec::new();
-                let mut start = None;
-                loop {
-                    let page = self
-                        .client
-                        .scan()
-                        .table_name(&*self.table)
-                        .filter_expression("sk = :site")
-                        .expression_attribute_values(":site", s("SITE"))
-                        .set_exclusive_start_key(start.take())
-                        .send()
-                        .await
-                        .map_err(sdk)?;
-                    out.extend(page.items.unwrap_or_default());
-                    match page.last_evaluated_key {
-                        Some(k) if !k.is_empty() => start = Some(k),
-                        _ => break,
-                    }
-                }
-                out
-            }
+            // Admin listing: every site is in one gsi2 partition (sites are few; a
+            // scan would read every item of the table, audit records included).
+            None => self.query_all(Some(GSI2), "gsi2pk", "SITES", None).await?,
         };
         let mut sites: Vec<Site> = items.iter().map(data).collect::<Result<_>>()?;
         sites.sort_by(|a, b| a.site_id.cmp(&b.site_id));
@@ -887,6 +867,8 @@ fn site_item(site: &Site) -> Item {
     let mut item = key(format!("SITE#{}", site.site_id), "SITE");
     item.insert("gsi1pk".into(), s(format!("OWNER#{}", site.owner)));
     item.insert("gsi1sk".into(), s(format!("SITE#{}", site.site_id)));
+    item.insert("gsi2pk".into(), s("SITES"));
+    item.insert("gsi2sk".into(), s(format!("SITE#{}", site.site_id)));
     item.insert("rev".into(), n(site.revision));
     with_data(item, site)
 }
