@@ -5,7 +5,8 @@
 #    (cargo-lambda + zig), reporting the binary sizes (SKIP_SAM_BUILD=1 skips it).
 # 2. A local DynamoDB-compatible server (moto, pinned, from PyPI) on a free loopback
 #    port; every Rust test (the store conformance suite against both stores, the
-#    Lambda wiring tests), then the black-box HTTP tests again on DynamoDB.
+#    Lambda wiring tests), each micro-benchmark once, then the black-box HTTP tests
+#    again on DynamoDB.
 # Tools come from PyPI at pinned versions; the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +61,7 @@ export PAYFENCE_DYNAMODB_ATTEMPT_TIMEOUT_MS=10000 PAYFENCE_DYNAMODB_TIMEOUT_MS=3
 export PAYFENCE_TEST_DYNAMODB="http://127.0.0.1:$PORT"
 
 cargo test --workspace
+# The criterion micro-benchmarks, each run once as a test (they measure only under
+# `cargo bench`).
+cargo test --workspace --bench decision --bench signing
 PAYFENCE_TEST_STORE=dynamodb cargo test -p payfence-local --test proxy --test authorize --test concurrency --test dashboard
