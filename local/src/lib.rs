@@ -278,7 +278,7 @@ pub struct Demo {
 pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
     const OWNER: &str = "demo";
     let store = local.state.store().clone();
-    let sealing = local.state.gateway.sealing().clone();
+    let sealing = local.state.gateway.sealing();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let origin = listener.local_addr()?;
     let now = now_ms() / 1000;
@@ -296,26 +296,14 @@ pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
             (site, secret)
         }
         None => {
-            let site_id = ids::site_id();
-            let secret = ids::signing_secret();
-            let site = Site {
-                signing_secret_sealed: sealing.seal(&secret, &site_id),
-                site_id,
-                owner: OWNER.into(),
-                name: "PayFence demo".into(),
-                origin_url: format!("http://{origin}"),
-                site_requests_per_second: 1000,
-                replay_window_seconds: 300,
-                failed_attempts_per_minute: 30,
-                secret_query_params: vec!["api_key".into()],
-                previous_secret_sealed: None,
-                previous_valid_until: None,
-                webhook_url: None,
-                webhook_secret_sealed: None,
-                created_at: now,
-                updated_at: now,
-                revision: 0,
-            };
+            let (mut site, secret) = Site::new(
+                OWNER,
+                "PayFence demo",
+                &format!("http://{origin}"),
+                sealing,
+                now,
+            );
+            site.secret_query_params = vec!["api_key".into()];
             store.create_site(&site).await?;
             (site, secret)
         }

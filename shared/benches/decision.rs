@@ -61,25 +61,9 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("b.redb")).unwrap());
     let key = SealingKey::from_bytes(&[7; 32]);
-    let site_id = ids::site_id();
-    let site = Site {
-        site_id: site_id.clone(),
-        owner: "bench".into(),
-        name: "bench".into(),
-        origin_url: "https://api.example.com".into(),
-        site_requests_per_second: 1_000_000_000,
-        replay_window_seconds: 300,
-        failed_attempts_per_minute: 30,
-        secret_query_params: vec![],
-        signing_secret_sealed: key.seal(&ids::signing_secret(), &site_id),
-        previous_secret_sealed: None,
-        previous_valid_until: None,
-        webhook_url: None,
-        webhook_secret_sealed: None,
-        created_at: 1,
-        updated_at: 1,
-        revision: 0,
-    };
+    let (mut site, _) = Site::new("bench", "bench", "https://api.example.com", &key, 1);
+    site.site_requests_per_second = 1_000_000_000;
+    let site_id = site.site_id.clone();
     store.create_site(&site).await.unwrap();
     let plan = Plan {
         plan_id: ids::plan_id(),

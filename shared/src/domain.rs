@@ -2,7 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{PlanLimits, QuotaEventKind};
+use crate::limits::{
+    PlanLimits, QuotaEventKind, DEFAULT_FAILED_ATTEMPTS_PER_MINUTE,
+    DEFAULT_SITE_REQUESTS_PER_SECOND,
+};
+use crate::seal::SealingKey;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Site {
@@ -35,6 +39,41 @@ pub struct Site {
     /// changed the site meanwhile (see `SiteStore::update_site`).
     #[serde(default)]
     pub revision: u64,
+}
+
+impl Site {
+    /// A new site with the documented defaults (1,000 requests a second, a 300 s
+    /// replay window, 30 failed attempts a minute, no secret query parameters) and a
+    /// fresh signing secret, sealed; the secret is returned beside it, to be shown once.
+    pub fn new(
+        owner: &str,
+        name: &str,
+        origin_url: &str,
+        sealing: &SealingKey,
+        now: u64,
+    ) -> (Site, String) {
+        let site_id = crate::ids::site_id();
+        let secret = crate::ids::signing_secret();
+        let site = Site {
+            signing_secret_sealed: sealing.seal(&secret, &site_id),
+            site_id,
+            owner: owner.into(),
+            name: name.into(),
+            origin_url: origin_url.into(),
+            site_requests_per_second: DEFAULT_SITE_REQUESTS_PER_SECOND,
+            replay_window_seconds: payfence_signing::DEFAULT_REPLAY_WINDOW_SECS,
+            failed_attempts_per_minute: DEFAULT_FAILED_ATTEMPTS_PER_MINUTE,
+            secret_query_params: vec![],
+            previous_secret_sealed: None,
+            previous_valid_until: None,
+            webhook_url: None,
+            webhook_secret_sealed: None,
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+        };
+        (site, secret)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use payfence_core::domain::*;
 use payfence_core::ids;
 use payfence_core::limits::{PlanLimits, Verdict};
+use payfence_core::seal::SealingKey;
 use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::{
@@ -15,24 +16,14 @@ use payfence_core::store::{
 const NOW: u64 = 1_795_000_020_000; // 2026-11, early in a minute
 
 fn site(owner: &str) -> Site {
-    Site {
-        site_id: ids::site_id(),
-        owner: owner.into(),
-        name: "s".into(),
-        origin_url: "https://api.example.com".into(),
-        site_requests_per_second: 1000,
-        replay_window_seconds: 300,
-        failed_attempts_per_minute: 30,
-        secret_query_params: vec![],
-        signing_secret_sealed: "sealed".into(),
-        previous_secret_sealed: None,
-        previous_valid_until: None,
-        webhook_url: None,
-        webhook_secret_sealed: None,
-        created_at: 1,
-        updated_at: 1,
-        revision: 0,
-    }
+    Site::new(
+        owner,
+        "s",
+        "https://api.example.com",
+        &SealingKey::from_bytes(&[9; 32]),
+        1,
+    )
+    .0
 }
 
 fn plan(site_id: &str, rpm: u64, quota: u64) -> Plan {

@@ -70,25 +70,10 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
     // A site, plan, key and token, as the dashboard would create them.
     let sealing = SealingKey::from_bytes(KEY_BYTES);
     let now = now_ms() / 1000;
-    let site_id = ids::site_id();
-    let site = Site {
-        site_id: site_id.clone(),
-        owner: "owner".into(),
-        name: "settle".into(),
-        origin_url: "https://origin.example".into(),
-        site_requests_per_second: 100,
-        replay_window_seconds: 300,
-        failed_attempts_per_minute: 10,
-        secret_query_params: vec![],
-        signing_secret_sealed: sealing.seal(&ids::signing_secret(), &site_id),
-        previous_secret_sealed: None,
-        previous_valid_until: None,
-        webhook_url: None,
-        webhook_secret_sealed: None,
-        created_at: now,
-        updated_at: now,
-        revision: 0,
-    };
+    let (mut site, _) = Site::new("owner", "settle", "https://origin.example", &sealing, now);
+    site.site_requests_per_second = 100;
+    site.failed_attempts_per_minute = 10;
+    let site_id = site.site_id.clone();
     store.create_site(&site).await.unwrap();
     let plan_id = ids::plan_id();
     let plan = Plan {

@@ -271,44 +271,37 @@ async fn create_site(
     if p.role == Role::Consumer {
         return Err(ApiError::Forbidden("consumers cannot create sites".into()));
     }
-    let now = now_ms() / 1000;
-    let site_id = ids::site_id();
-    let secret = ids::signing_secret();
-    let site = Site {
-        name: check_name("name", &b.name, 100)?,
-        origin_url: check_origin(&st, &b.origin_url)?,
-        site_requests_per_second: check_range(
-            "site_requests_per_second",
-            b.site_requests_per_second
-                .unwrap_or(limits::DEFAULT_SITE_REQUESTS_PER_SECOND),
-            1,
-            100_000,
-        )?,
-        replay_window_seconds: check_range(
-            "replay_window_seconds",
-            b.replay_window_seconds.unwrap_or(300),
-            30,
-            3600,
-        )?,
-        failed_attempts_per_minute: check_range(
-            "failed_attempts_per_minute",
-            b.failed_attempts_per_minute
-                .unwrap_or(limits::DEFAULT_FAILED_ATTEMPTS_PER_MINUTE),
-            1,
-            10_000,
-        )?,
-        secret_query_params: check_params(b.secret_query_params.unwrap_or_default())?,
-        signing_secret_sealed: st.gateway.sealing().seal(&secret, &site_id),
-        previous_secret_sealed: None,
-        previous_valid_until: None,
-        webhook_url: None,
-        webhook_secret_sealed: None,
-        owner: p.sub.clone(),
-        site_id,
-        created_at: now,
-        updated_at: now,
-        revision: 0,
-    };
+    let name = check_name("name", &b.name, 100)?;
+    let origin_url = check_origin(&st, &b.origin_url)?;
+    let (mut site, secret) = Site::new(
+        &p.sub,
+        &name,
+        &origin_url,
+        st.gateway.sealing(),
+        now_ms() / 1000,
+    );
+    site.site_requests_per_second = check_range(
+        "site_requests_per_second",
+        b.site_requests_per_second
+            .unwrap_or(site.site_requests_per_second),
+        1,
+        100_000,
+    )?;
+    site.replay_window_seconds = check_range(
+        "replay_window_seconds",
+        b.replay_window_seconds
+            .unwrap_or(site.replay_window_seconds),
+        30,
+        3600,
+    )?;
+    site.failed_attempts_per_minute = check_range(
+        "failed_attempts_per_minute",
+        b.failed_attempts_per_minute
+            .unwrap_or(site.failed_attempts_per_minute),
+        1,
+        10_000,
+    )?;
+    site.secret_query_params = check_params(b.secret_query_params.unwrap_or_default())?;
     st.store().create_site(&site).await?;
     trail(&st, &p, "site.create", &site, None).await?;
     let mut v = site_view(&site);
