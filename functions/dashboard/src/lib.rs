@@ -271,37 +271,17 @@ async fn create_site(
     if p.role == Role::Consumer {
         return Err(ApiError::Forbidden("consumers cannot create sites".into()));
     }
-    let name = check_name("name", &b.name, 100)?;
-    let origin_url = check_origin(&st, &b.origin_url)?;
-    let (mut site, secret) = Site::new(
-        &p.sub,
-        &name,
-        &origin_url,
-        st.gateway.sealing(),
-        now_ms() / 1000,
-    );
-    site.site_requests_per_second = check_range(
-        "site_requests_per_second",
-        b.site_requests_per_second
-            .unwrap_or(site.site_requests_per_second),
-        1,
-        100_000,
-    )?;
-    site.replay_window_seconds = check_range(
-        "replay_window_seconds",
-        b.replay_window_seconds
-            .unwrap_or(site.replay_window_seconds),
-        30,
-        3600,
-    )?;
-    site.failed_attempts_per_minute = check_range(
-        "failed_attempts_per_minute",
-        b.failed_attempts_per_minute
-            .unwrap_or(site.failed_attempts_per_minute),
-        1,
-        10_000,
-    )?;
-    site.secret_query_params = check_params(b.secret_query_params.unwrap_or_default())?;
+    let (mut site, secret) = Site::new(&p.sub, "", "", st.gateway.sealing(), now_ms() / 1000);
+    // Required here and optional in an update, the fields are checked the same way.
+    UpdateSite {
+        name: Some(b.name),
+        origin_url: Some(b.origin_url),
+        site_requests_per_second: b.site_requests_per_second,
+        replay_window_seconds: b.replay_window_seconds,
+        failed_attempts_per_minute: b.failed_attempts_per_minute,
+        secret_query_params: b.secret_query_params,
+    }
+    .apply(&st, &mut site)?;
     st.store().create_site(&site).await?;
     trail(&st, &p, "site.create", &site, None).await?;
     let mut v = site_view(&site);
@@ -341,6 +321,32 @@ struct UpdateSite {
     secret_query_params: Option<Vec<String>>,
 }
 
+impl UpdateSite {
+    /// Check the fields given and set them on `site`.
+    fn apply(self, st: &AppState, site: &mut Site) -> Result<(), ApiError> {
+        if let Some(v) = self.name {
+            site.name = check_name("name", &v, 100)?;
+        }
+        if let Some(v) = self.origin_url {
+            site.origin_url = check_origin(st, &v)?;
+        }
+        if let Some(v) = self.site_requests_per_second {
+            site.site_requests_per_second = check_range("site_requests_per_second", v, 1, 100_000)?;
+        }
+        if let Some(v) = self.replay_window_seconds {
+            site.replay_window_seconds = check_range("replay_window_seconds", v, 30, 3600)?;
+        }
+        if let Some(v) = self.failed_attempts_per_minute {
+            site.failed_attempts_per_minute =
+                check_range("failed_attempts_per_minute", v, 1, 10_000)?;
+        }
+        if let Some(v) = self.secret_query_params {
+            site.secret_query_params = check_params(v)?;
+        }
+        Ok(())
+    }
+}
+
 async fn update_site(
     State(st): State<AppState>,
     Extension(p): P,
@@ -348,24 +354,7 @@ async fn update_site(
     ApiJson(b): ApiJson<UpdateSite>,
 ) -> ApiResult {
     let mut site = managed_site(&st, &p, &site_id).await?;
-    if let Some(v) = b.name {
-        site.name = check_name("name", &v, 100)?;
-    }
-    if let Some(v) = b.origin_url {
-        site.origin_url = check_origin(&st, &v)?;
-    }
-    if let Some(v) = b.site_requests_per_second {
-        site.site_requests_per_second = check_range("site_requests_per_second", v, 1, 100_000)?;
-    }
-    if let Some(v) = b.replay_window_seconds {
-        site.replay_window_seconds = check_range("replay_window_seconds", v, 30, 3600)?;
-    }
-    if let Some(v) = b.failed_attempts_per_minute {
-        site.failed_attempts_per_minute = check_range("failed_attempts_per_minute", v, 1, 10_000)?;
-    }
-    if let Some(v) = b.secret_query_params {
-        site.secret_query_params = check_params(v)?;
-    }
+    b.apply(&st, &mut site)?;
     site.updated_at = now_ms() / 1000;
     st.store().update_site(&site).await?;
     st.gateway.invalidate_site(&site_id);
