@@ -301,7 +301,10 @@ async fn bad_input_on_the_wire_gets_a_clear_4xx_and_never_a_crash() {
     let huge = "a".repeat(200 * 1024);
     let res = raw_request(
         b,
-        format!("GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes(),
+        format!(
+            "GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await;
     assert!(
@@ -317,6 +320,22 @@ async fn bad_input_on_the_wire_gets_a_clear_4xx_and_never_a_crash() {
     assert_eq!(status(&res), "400");
     let res = raw_request(b, b"GARBAGE\r\n\r\n").await;
     assert_eq!(status(&res), "400");
+    // Past the HTTP server's own limits: more than 100 header fields, a request
+    // target over 64 KiB. It answers these itself, with an empty body.
+    let fields: String = (0..150).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let res = raw_request(
+        b,
+        format!("GET /api/health HTTP/1.1\r\nHost: x\r\n{fields}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status(&res), "431", "{res}");
+    let long = "a".repeat(70 * 1024);
+    let res = raw_request(
+        b,
+        format!("GET /p/{long} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status(&res), "414", "{}", &res[..res.len().min(200)]);
     let res = raw_request(b, "GET /p/site_0123456789abcdef/x HTTP/1.1\r\nHost: x\r\nX-PayFence-Token: pf_live_\u{e9}\r\nConnection: close\r\n\r\n".as_bytes()).await;
     assert_eq!(status(&res), "404"); // unknown site, checked first
     let res = raw_request(b, b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{{{").await;
