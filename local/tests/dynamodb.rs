@@ -165,12 +165,16 @@ fn port_outside_ephemeral_range() -> u16 {
 /// Start moto's server on `port` and wait until it accepts connections; if it exits
 /// or does not come up, fail with its output.
 fn start_moto(port: u16) -> Moto {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/moto_server.py");
+    // The manifest dir cargo passes at run time: a test binary reused from a build in
+    // another checkout (one shared target dir) still finds this checkout's script.
+    let manifest_dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let script = format!("{manifest_dir}/../scripts/moto_server.py");
     let log_path = std::env::temp_dir().join(format!("payfence-test-moto-{port}.log"));
     let log = std::fs::File::create(&log_path).unwrap();
     let mut moto = Moto(
         Command::new("python3")
-            .args([script, "127.0.0.1", &port.to_string()])
+            .args([script.as_str(), "127.0.0.1", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
