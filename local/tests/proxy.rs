@@ -153,6 +153,24 @@ async fn denials_have_the_right_status_reason_and_headers() {
             "a problem never echoes the token"
         );
     }
+    // A credential that is not ASCII was presented, so it is invalid, not missing.
+    for (name, value) in [
+        ("x-payfence-token", &b"pf_live_\xe9t\xe9"[..]),
+        ("authorization", &b"Bearer pf_live_\xe9t\xe9"[..]),
+    ] {
+        let res = app
+            .http
+            .get(app.url(&format!("/p/{}/x", s.site_id)))
+            .header(
+                name,
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{name}");
+        assert_eq!(problem(res).await["reason"], "invalid_token", "{name}");
+    }
 
     // Unknown site: 404.
     let res = app.proxy_get("site_0000000000000000", "/x", &s.token).await;

@@ -2,6 +2,7 @@
 //! context middleware (request id, security headers, one log line per request),
 //! rate-limit headers, client address and JSON bodies.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
@@ -457,11 +458,15 @@ pub fn client_ip(req: &Request) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
-/// `Authorization: Bearer <x>` value, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+/// `Authorization: Bearer <x>` value, if any. A credential that is not ASCII is
+/// decoded lossily rather than dropped, so it is judged invalid, not missing.
+pub fn bearer(headers: &HeaderMap) -> Option<Cow<'_, str>> {
+    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let space = v.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = v.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| String::from_utf8_lossy(rest.trim_ascii()))
 }
 
 /// A JSON body (Content-Type: application/json) whose rejections are problem+json.

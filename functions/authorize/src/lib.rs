@@ -80,7 +80,7 @@ async fn authorize(
     let key = bearer(&headers)
         .filter(|k| ids::is_api_key_shaped(k))
         .ok_or_else(unauthorized)?;
-    let key = st.gateway.api_key(key).await?.ok_or_else(unauthorized)?;
+    let key = st.gateway.api_key(&key).await?.ok_or_else(unauthorized)?;
     let body: AuthorizeBody = parse_json(&body?)?;
     if !valid_method(&body.method) {
         return Err(ApiError::invalid(

@@ -110,7 +110,7 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
     };
     let principal = match bearer(req.headers()) {
         None => Err(AuthError::Missing),
-        Some(t) => verifier.verify(t).await,
+        Some(t) => verifier.verify(&t).await,
     };
     let principal = match principal {
         Ok(p) => p,

@@ -2,6 +2,7 @@
 //! origin with a PayFence signature, streaming bodies both ways (never buffered,
 //! stored or logged).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -230,10 +231,10 @@ async fn handle(
     let via_header = req
         .headers()
         .get(TOKEN_HEADER)
-        .map(|v| v.to_str().unwrap_or("").to_owned());
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let token = via_header
         .clone()
-        .or_else(|| bearer(req.headers()).map(str::to_owned));
+        .or_else(|| bearer(req.headers()).map(Cow::into_owned));
     let ip = client_ip(&req);
     let authorized = st
         .app
