@@ -2,7 +2,6 @@
 //! origin with a PayFence signature, streaming bodies both ways (never buffered,
 //! stored or logged).
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -228,13 +227,13 @@ async fn handle(
         None => rest.to_owned(),
     };
 
-    let via_header = req
-        .headers()
-        .get(TOKEN_HEADER)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let token = via_header
-        .clone()
-        .or_else(|| bearer(req.headers()).map(Cow::into_owned));
+    // A token that is not ASCII is decoded lossily, to be judged invalid, not missing.
+    let token_header = req.headers().get(TOKEN_HEADER);
+    let via_header = token_header.is_some();
+    let token = match token_header {
+        Some(v) => Some(String::from_utf8_lossy(v.as_bytes())),
+        None => bearer(req.headers()),
+    };
     let ip = client_ip(&req);
     let authorized = st
         .app
@@ -285,7 +284,7 @@ async fn handle(
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     headers.remove(HOST);
-    if via_header.is_some() {
+    if via_header {
         headers.remove(TOKEN_HEADER);
     } else {
         headers.remove(AUTHORIZATION);
