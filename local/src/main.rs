@@ -77,6 +77,16 @@ fn raise_open_files_limit() {
     }
 }
 
+/// `s` as one shell word: as it is when that is safe, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:=,@%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::DevToken {
@@ -129,20 +139,25 @@ async fn run(cli: Cli) -> payfence_local::anyhow_like::Result<()> {
     let base = format!("http://{addr}");
     if cli.demo {
         let demo = start_demo(&local).await?;
-        let dir = cli.data_dir.display();
+        // The commands name this very binary, so they work however it was started
+        // (`cargo run` puts nothing on the PATH).
+        let exe = std::env::current_exe().map_or("payfence-local".into(), |p| {
+            shell_quote(&p.display().to_string())
+        });
+        let dir = shell_quote(&cli.data_dir.display().to_string());
         println!(
             "Demo origin (verifies PayFence signatures) on http://{origin}
 Demo site {site}: plan \"demo\" (60 requests/minute, 1000 a month)
 
 Call the API through the proxy:
-  curl -i {base}/p/{site}/v1/hello?city=Oslo -H 'Authorization: Bearer {token}'
+  curl -i '{base}/p/{site}/v1/hello?city=Oslo' -H 'Authorization: Bearer {token}'
 Call the origin directly, unsigned (rejected with 401):
   curl -i http://{origin}/v1/hello
 Middleware mode (what an origin asks):
   curl -s {base}/v1/authorize -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
     -d '{{\"token\":\"{token}\",\"method\":\"GET\",\"path\":\"/v1/hello\"}}'
 Audit log, as the demo site owner:
-  JWT=$(payfence-local dev-token --data-dir {dir} --sub demo --role site_owner)
+  JWT=$({exe} dev-token --data-dir {dir} --sub demo --role site_owner)
   curl -s {base}/api/sites/{site}/logs -H \"Authorization: Bearer $JWT\"
 Health:
   curl -s {base}/api/health

@@ -551,3 +551,108 @@ async fn the_grace_period_or_a_second_signal_ends_requests_that_never_finish() {
         assert_eq!(origin.count(), 0, "the origin never got the whole body");
     }
 }
+
+/// The commands `--demo` prints, grouped under their headings, in order.
+fn demo_commands(stdout: &str) -> Vec<(String, String)> {
+    let mut groups: Vec<(String, String)> = Vec::new();
+    for line in stdout.lines() {
+        if let Some(command) = line.strip_prefix("  ") {
+            let (_, script) = groups.last_mut().expect("a heading before each command");
+            script.push_str(command.trim_start());
+            script.push('\n');
+        } else if let Some(heading) = line.strip_suffix(':') {
+            groups.push((heading.to_owned(), String::new()));
+        }
+    }
+    groups
+}
+
+/// Run a printed command as a user would paste it: in bash, with curl.
+fn run_pasted(script: &str) -> String {
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .output()
+        .expect("bash and curl (the demo's commands use them)");
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn demo_site_id(stdout: &str) -> String {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Demo site "))
+        .expect("the demo site line");
+    line.split(':').next().unwrap().to_owned()
+}
+
+/// `--demo`, the README's first command: every command it prints works as printed
+/// (through bash and curl), and a restart on the same data directory keeps the site.
+#[tokio::test]
+async fn demo_prints_commands_that_work_as_printed() {
+    assert!(
+        Command::new("curl").arg("--version").output().is_ok(),
+        "this test runs the demo's curl commands: install curl"
+    );
+    avoid_minute_boundary().await; // the counts below stay in one minute
+    let dir = tempfile::tempdir().unwrap();
+    let demo = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_payfence-local"));
+        command
+            .args(["--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path());
+        start_command(command)
+    };
+    let mut server = demo();
+    let stdout = server.stdout.lock().unwrap().clone();
+    let groups = demo_commands(&stdout);
+    let headings: Vec<&str> = groups.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(
+        headings,
+        [
+            "Call the API through the proxy",
+            "Call the origin directly, unsigned (rejected with 401)",
+            "Middleware mode (what an origin asks)",
+            "Audit log, as the demo site owner",
+            "Health",
+        ],
+        "{stdout}"
+    );
+    let ran: Vec<String> = groups.iter().map(|(_, s)| run_pasted(s)).collect();
+
+    assert!(ran[0].starts_with("HTTP/1.1 200"), "{}", ran[0]);
+    assert!(
+        ran[0].contains("this request carried a valid PayFence signature"),
+        "{}",
+        ran[0]
+    );
+    assert!(ran[0].contains("x-ratelimit-remaining: 59"), "{}", ran[0]);
+    assert!(ran[1].starts_with("HTTP/1.1 401"), "{}", ran[1]);
+    let decision: Value = serde_json::from_str(&ran[2]).unwrap();
+    assert_eq!(decision["decision"], "allow", "{decision}");
+    assert_eq!(decision["remaining"]["minute"], 58, "{decision}");
+    let logs: Value = serde_json::from_str(&ran[3]).unwrap();
+    let modes: Vec<&str> = logs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["middleware", "proxy"], "newest first: {logs}");
+    let health: Value = serde_json::from_str(&ran[4]).unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+
+    // Restart: the same site (new origin port, a new token), and its commands work.
+    let site_id = demo_site_id(&stdout);
+    server.sigterm();
+    assert!(server.exited().await.0.success());
+    let server = demo();
+    let stdout = server.stdout.lock().unwrap().clone();
+    assert_eq!(demo_site_id(&stdout), site_id, "{stdout}");
+    let proxied = run_pasted(&demo_commands(&stdout)[0].1);
+    assert!(proxied.starts_with("HTTP/1.1 200"), "{proxied}");
+    assert!(proxied.contains("x-ratelimit-remaining: 59"), "{proxied}");
+}
