@@ -41,10 +41,13 @@ struct Cli {
 enum Command {
     /// Print a signed dashboard JWT for a user and role.
     DevToken {
+        /// The server's data directory: its JWT signing key signs the token.
         #[arg(long, default_value = "./.payfence")]
         data_dir: PathBuf,
+        /// The user (the JWT's sub claim): owner of the sites this user creates.
         #[arg(long)]
         sub: String,
+        /// The user's role (the JWT's cognito:groups claim).
         #[arg(long, value_parser = ["site_owner", "admin", "consumer"])]
         role: String,
         /// Lifetime in seconds.
