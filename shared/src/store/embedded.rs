@@ -3,7 +3,7 @@
 //!
 //! Decisions (check-and-count) are made in memory under one lock, so they are exact
 //! under any concurrency, and each decision's effects are appended to the log
-//! ([`super::wal`]); the caller is answered only once they are on disk. The log is
+//! (`store::wal`); the caller is answered only once they are on disk. The log is
 //! applied to the database by checkpoints, and replayed on open after a crash.
 //!
 //! Every other write goes through one writer thread that applies queued jobs in a
