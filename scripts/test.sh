@@ -64,4 +64,4 @@ cargo test --workspace
 # The criterion micro-benchmarks, each run once as a test (they measure only under
 # `cargo bench`).
 cargo test --workspace --bench decision --bench signing
-PAYFENCE_TEST_STORE=dynamodb cargo test -p payfence-local --test proxy --test authorize --test concurrency --test dashboard
+PAYFENCE_TEST_STORE=dynamodb cargo test -p payfence-local --test proxy --test authorize --test concurrency --test dashboard --test random_input

@@ -1,0 +1,368 @@
+//! Random requests to every route: whatever a client sends, the answer is a clear
+//! response, never a 5xx of our own, and the server keeps serving.
+//!
+//! The requests come from a seeded generator; a failure prints the seed, and
+//! `PAYFENCE_TEST_SEED=<seed> cargo test -p payfence-local --test random_input`
+//! replays the same requests (with fresh ids).
+
+mod common;
+
+use common::*;
+use payfence_core::auth::Role;
+use payfence_core::config::Config;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde_json::Value;
+
+/// Requests per worker, and workers sending at once.
+const REQUESTS: usize = 500;
+const WORKERS: u64 = 4;
+
+const FIELDS: &[&str] = &[
+    "name",
+    "origin_url",
+    "site_requests_per_second",
+    "replay_window_seconds",
+    "failed_attempts_per_minute",
+    "secret_query_params",
+    "requests_per_minute",
+    "monthly_quota",
+    "plan_id",
+    "label",
+    "consumer",
+    "url",
+    "rotate_secret",
+    "overlap_seconds",
+    "token",
+    "site_id",
+    "method",
+    "path",
+    "client_ip",
+    "x",
+];
+
+const VALUES: &[&str] = &[
+    "null",
+    "true",
+    "0",
+    "-1",
+    "1.5",
+    "1e309",
+    "18446744073709551616",
+    "-9223372036854775809",
+    "99999999999999999999999999",
+    "[]",
+    "{}",
+    "[1,{\"a\":null}]",
+    "\"\"",
+    "\"ok\"",
+    "\"GET\"",
+    "\"/a/b?c=d\"",
+    "\"1.2.3.4\"",
+    "\"::1\"",
+    "\"\\u0000\"",
+    "\"\\ud800\"",
+    "\"\\r\\nX-Injected: 1\"",
+    "\"../../etc/passwd\"",
+    "\"http://127.0.0.1:9\"",
+    "\"https://api.example.com\"",
+    "\"http://169.254.169.254/latest\"",
+    "\"https://[::1]/\"",
+    "\"https://0x7f.1/\"",
+    "\"https://user:pw@api.example.com/\"",
+    "\"https://api.example.com:99999/\"",
+    "\"ftp://api.example.com\"",
+    "\"javascript:alert(1)\"",
+];
+
+const QUERY_KEYS: &[&str] = &[
+    "limit",
+    "cursor",
+    "from",
+    "to",
+    "decision",
+    "reason",
+    "token_id",
+    "plan",
+    "path_prefix",
+    "mode",
+    "format",
+    "x",
+];
+
+const QUERY_VALUES: &[&str] = &[
+    "",
+    "0",
+    "-1",
+    "1",
+    "1000",
+    "1001",
+    "99999999999999999999",
+    "abc",
+    "%00",
+    "%ff",
+    "%E2%82%AC",
+    "%",
+    "%zz",
+    "allow",
+    "deny",
+    "proxy",
+    "middleware",
+    "csv",
+    "json",
+    "2026-01-01T00:00:00Z",
+    "2026-13-45T99:00:00Z",
+    "1700000000",
+    "%2F..%2F",
+];
+
+/// What the random requests are aimed at; made again when a request deletes it.
+struct Target {
+    site_id: String,
+    plan_id: String,
+    token_id: String,
+    token: String,
+    key: String,
+    _origin: Origin,
+}
+
+async fn target(app: &App, owner: &str) -> Target {
+    let (listener, addr) = bind_origin().await;
+    let site = app.create_site(owner, &format!("http://{addr}")).await;
+    let site_id = site["site_id"].as_str().unwrap().to_owned();
+    let secret = site["signing_secret"].as_str().unwrap();
+    let origin = serve_origin(listener, payfence_signing::Verifier::new(secret));
+    let plan_id = app.create_plan(owner, &site_id, 10_000, 1_000_000).await;
+    let (token_id, token) = app.create_token(owner, &site_id, &plan_id).await;
+    let key = app.create_key(owner, &site_id).await;
+    Target {
+        site_id,
+        plan_id,
+        token_id,
+        token,
+        key,
+        _origin: origin,
+    }
+}
+
+fn json_body(rng: &mut StdRng, t: &Target) -> Vec<u8> {
+    let plan = format!("\"{}\"", t.plan_id);
+    let token = format!("\"{}\"", t.token);
+    let site = format!("\"{}\"", t.site_id);
+    let mut fields = Vec::new();
+    let count = rng.gen_range(0..6);
+    let names: Vec<&str> = FIELDS.choose_multiple(rng, count).copied().collect();
+    for name in names {
+        let value = match rng.gen_range(0..8) {
+            0 => plan.clone(),
+            1 => token.clone(),
+            2 => site.clone(),
+            3 => format!("\"{}\"", "a".repeat(rng.gen_range(200..5000))),
+            _ => VALUES.choose(rng).unwrap().to_string(),
+        };
+        fields.push(format!("\"{name}\":{value}"));
+    }
+    let mut body = format!("{{{}}}", fields.join(",")).into_bytes();
+    if rng.gen_bool(0.15) {
+        // Break it: a stray byte somewhere, or cut it short.
+        let at = rng.gen_range(0..=body.len());
+        match rng.gen_range(0..4) {
+            0 => body.truncate(at),
+            1 => body.insert(at, 0xff),
+            2 => body.insert(at, b'"'),
+            _ => body.insert(at, b'\\'),
+        }
+    }
+    body
+}
+
+fn query(rng: &mut StdRng) -> String {
+    let pairs: Vec<String> = (0..rng.gen_range(1..4))
+        .map(|_| {
+            format!(
+                "{}={}",
+                QUERY_KEYS.choose(rng).unwrap(),
+                QUERY_VALUES.choose(rng).unwrap()
+            )
+        })
+        .collect();
+    pairs.join("&")
+}
+
+/// One random request, mostly well aimed (a route's own methods, a valid JWT).
+fn request(
+    rng: &mut StdRng,
+    app: &App,
+    t: &Target,
+    jwts: &[String],
+) -> (Method, String, reqwest::RequestBuilder) {
+    let s = format!("/api/sites/{}", t.site_id);
+    let routes: Vec<(String, &[&str])> = vec![
+        ("/api/sites".into(), &["GET", "POST"]),
+        (s.clone(), &["GET", "PATCH", "DELETE"]),
+        (format!("{s}/plans"), &["GET", "POST"]),
+        (
+            format!("{s}/plans/{}", t.plan_id),
+            &["GET", "PATCH", "DELETE"],
+        ),
+        (format!("{s}/tokens"), &["GET", "POST"]),
+        (format!("{s}/tokens/{}", t.token_id), &["GET", "DELETE"]),
+        (
+            format!("{s}/tokens/tok_0000000000000000"),
+            &["GET", "DELETE"],
+        ),
+        (format!("{s}/api-keys"), &["GET", "POST"]),
+        (format!("{s}/api-keys/key_0000000000000000"), &["DELETE"]),
+        (format!("{s}/signing-secret/rotate"), &["POST"]),
+        (format!("{s}/webhook"), &["GET", "PUT"]),
+        (format!("{s}/logs"), &["GET"]),
+        (format!("{s}/logs/export"), &["GET"]),
+        (format!("{s}/events"), &["GET"]),
+        ("/api/sites/site_0000000000000000/plans".into(), &["GET"]),
+        ("/api/me/tokens".into(), &["GET"]),
+        ("/api/audit-trail".into(), &["GET"]),
+        ("/api/health".into(), &["GET"]),
+        ("/v1/authorize".into(), &["POST"]),
+        (format!("/p/{}/a/b", t.site_id), &["GET", "POST", "PUT"]),
+        ("/.well-known/jwks.json".into(), &["GET"]),
+    ];
+    let (path, methods) = routes.choose(rng).unwrap();
+    let method = if rng.gen_bool(0.85) {
+        methods.choose(rng).unwrap().to_string()
+    } else {
+        ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+            .choose(rng)
+            .unwrap()
+            .to_string()
+    };
+    let method = Method::from_bytes(method.as_bytes()).unwrap();
+    let mut url = path.clone();
+    if rng.gen_bool(0.4) {
+        url = format!("{url}?{}", query(rng));
+    }
+    let mut req = app.http.request(method.clone(), app.url(&url));
+    // Credentials: the route's own kind mostly, sometimes another or a broken one.
+    let credential = if path.starts_with("/v1/") {
+        [t.key.as_str(), "sk_garbage", ""]
+            .choose(rng)
+            .unwrap()
+            .to_string()
+    } else if path.starts_with("/p/") {
+        [t.token.as_str(), "pf_live_garbage", "x"]
+            .choose(rng)
+            .unwrap()
+            .to_string()
+    } else {
+        match rng.gen_range(0..8) {
+            0 => String::new(),
+            1 => "not.a.jwt".into(),
+            _ => jwts.choose(rng).unwrap().clone(),
+        }
+    };
+    if !credential.is_empty() {
+        req = req.bearer_auth(credential);
+    }
+    if method != Method::GET && method != Method::HEAD && rng.gen_bool(0.9) {
+        let content_type = if rng.gen_bool(0.9) {
+            "application/json"
+        } else {
+            "text/plain"
+        };
+        req = req
+            .header("content-type", content_type)
+            .body(json_body(rng, t));
+    }
+    (method, url, req)
+}
+
+/// Check one answer: no 5xx of our own, a request id, and for our own endpoints a
+/// problem+json body whose `status` is the response's (naming the field on 422).
+async fn check(method: &Method, url: &str, res: reqwest::Response, seed: u64) {
+    let status = res.status().as_u16();
+    let what = format!("{method} {url} -> {status} (PAYFENCE_TEST_SEED={seed})");
+    let proxied = url.starts_with("/p/");
+    assert!(
+        status < 500 || (proxied && matches!(status, 502 | 504)),
+        "{what}: {}",
+        res.text().await.unwrap_or_default()
+    );
+    assert!(
+        header(&res, "x-payfence-request-id").is_some(),
+        "{what}: no request id"
+    );
+    if status < 400 || method == Method::HEAD {
+        return;
+    }
+    let content_type = header(&res, "content-type").unwrap_or_default().to_owned();
+    let body = res.text().await.unwrap();
+    if proxied && body == "invalid PayFence signature\n" {
+        return; // the origin's own answer (its verifier rejects a rotated-out secret)
+    }
+    assert_eq!(content_type, "application/problem+json", "{what}: {body}");
+    let problem: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(problem["status"], status, "{what}: {body}");
+    assert!(problem["title"].is_string(), "{what}: {body}");
+    if status == 422 {
+        assert!(problem["field"].is_string(), "{what}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_to_every_route_get_a_clear_answer() {
+    let seed = std::env::var("PAYFENCE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("PAYFENCE_TEST_SEED={seed}");
+    let app = std::sync::Arc::new(
+        spawn_app_with(Config {
+            dashboard_requests_per_second: 1_000_000,
+            ..test_config()
+        })
+        .await,
+    );
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w));
+                // Each worker is its own owner, so one worker deleting its site leaves
+                // the others' alone; the admin and the consumer reach them all.
+                let owner = app.jwt(&format!("owner{w}"), Role::SiteOwner);
+                let jwts = [
+                    owner.clone(),
+                    owner.clone(),
+                    app.jwt("root", Role::Admin),
+                    app.jwt("carl", Role::Consumer),
+                    app.jwt(&format!("other{w}"), Role::SiteOwner),
+                ];
+                let mut t = target(&app, &owner).await;
+                for i in 0..REQUESTS {
+                    let (method, url, req) = request(&mut rng, &app, &t, &jwts);
+                    let res = req.send().await.unwrap();
+                    check(&method, &url, res, seed).await;
+                    if i % 50 == 49
+                        || app
+                            .get(&owner, &format!("/api/sites/{}", t.site_id))
+                            .await
+                            .status()
+                            == 404
+                    {
+                        t = target(&app, &owner).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    // Still serving, and the store still answers.
+    let health = app.http.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let s = app.setup(60, 100).await;
+    let res = app.proxy_get(&s.site_id, "/after", &s.token).await;
+    assert_eq!(res.status(), 200);
+}
