@@ -419,3 +419,134 @@ async fn random_paths_reach_the_origin_exactly_as_signed() {
     eprintln!("{forwarded} of 400 random targets forwarded");
     assert!(forwarded > 100, "too few forwarded to test anything");
 }
+
+/// Random header sets through the proxy: the origin gets every end-to-end header as
+/// sent, and none of the hop-by-hop ones (also those `Connection` names), the
+/// client's token or anything the client claims in PayFence's own headers.
+#[tokio::test]
+async fn random_headers_reach_the_origin_stripped_of_hop_by_hop_and_token() {
+    const HOP_BY_HOP: &[(&str, &str)] = &[
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Proxy-Authorization", "Basic eDp5"),
+        ("TE", "trailers"),
+        ("Trailer", "x-checksum"),
+    ];
+    const SPOOFED: &[(&str, &str)] = &[
+        ("X-PayFence-Signature", "v1=forged"),
+        ("X-PayFence-Timestamp", "1"),
+        ("X-PayFence-Token-Id", "tok_forged"),
+        ("X-PayFence-Plan", "gold"),
+        ("X-PayFence-Anything", "forged"),
+        ("X-Forwarded-For", "203.0.113.9"),
+    ];
+    const VALUES: &[&str] = &[
+        "plain",
+        "a, b, c",
+        "\"quoted, with comma\"",
+        "x=y; z",
+        "",
+        "  padded  ",
+        "caf\u{e9}",
+        "tab\there",
+        "%0d%0a",
+    ];
+    let seed = std::env::var("PAYFENCE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("PAYFENCE_TEST_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let app = spawn_app().await;
+    let s = app.setup(10_000, 1_000_000).await;
+    for n in 0..150 {
+        let via_token_header = rng.gen_bool(0.5);
+        let mut head = vec![("Host".to_owned(), "x".to_owned())];
+        if via_token_header {
+            head.push(("X-PayFence-Token".into(), s.token.clone()));
+            // The client's own credentials for the origin pass through.
+            head.push(("Authorization".into(), "Basic b3JpZ2luOmNyZWRz".into()));
+        } else {
+            head.push(("Authorization".into(), format!("Bearer {}", s.token)));
+        }
+        // End-to-end headers, some repeated; some named in Connection.
+        let mut end_to_end: Vec<(String, String)> = Vec::new();
+        let mut listed = Vec::new();
+        for i in 0..rng.gen_range(0..6) {
+            let name = format!("X-E2e-{}", rng.gen_range(0..4));
+            let value = format!("{}{i}", VALUES.choose(&mut rng).unwrap());
+            if rng.gen_bool(0.2) {
+                listed.push(name.to_ascii_lowercase());
+            }
+            end_to_end.push((name, value));
+        }
+        head.extend(end_to_end.iter().cloned());
+        for (name, value) in HOP_BY_HOP.iter().chain(SPOOFED) {
+            if rng.gen_bool(0.4) {
+                head.push((name.to_string(), value.to_string()));
+            }
+        }
+        head.shuffle(&mut rng);
+        let connection = ["close"]
+            .into_iter()
+            .chain(listed.iter().map(|n| n.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut req = format!("GET /p/{}/h/{n} HTTP/1.1\r\n", s.site_id).into_bytes();
+        for (name, value) in &head {
+            req.extend_from_slice(format!("{name}: ").as_bytes());
+            // Header values travel as bytes: `é` as ISO-8859-1 (obs-text).
+            req.extend(value.chars().map(|c| c as u32 as u8));
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(format!("Connection: {connection}\r\n\r\n").as_bytes());
+        let res = raw_request(&app.base, &req).await;
+        let what = format!(
+            "{} (PAYFENCE_TEST_SEED={seed}): {res}",
+            String::from_utf8_lossy(&req)
+        );
+        assert!(res.starts_with("HTTP/1.1 200"), "{what}");
+        let seen = s.origin.last();
+        assert_eq!(seen.path_and_query, format!("/h/{n}"), "{what}");
+        let got = |name: &str| -> Vec<Vec<u8>> {
+            seen.headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes().to_vec())
+                .collect()
+        };
+        for name in ["x-e2e-0", "x-e2e-1", "x-e2e-2", "x-e2e-3"] {
+            let sent: Vec<Vec<u8>> = if listed.iter().any(|l| l == name) {
+                vec![] // named in Connection: hop-by-hop
+            } else {
+                head.iter() // in the order sent
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().chars().map(|c| c as u32 as u8).collect())
+                    .collect()
+            };
+            assert_eq!(got(name), sent, "{name}: {what}");
+        }
+        for (name, _) in HOP_BY_HOP {
+            assert!(got(name).is_empty(), "{name}: {what}");
+        }
+        assert!(got("connection").is_empty(), "{what}");
+        assert!(got("x-payfence-token").is_empty(), "{what}");
+        assert!(got("x-payfence-anything").is_empty(), "{what}");
+        let authorization = via_token_header.then(|| b"Basic b3JpZ2luOmNyZWRz".to_vec());
+        assert_eq!(
+            got("authorization"),
+            Vec::from_iter(authorization),
+            "{what}"
+        );
+        assert_eq!(
+            got("x-payfence-token-id"),
+            [s.token_id.as_bytes()],
+            "{what}"
+        );
+        assert_eq!(got("x-payfence-plan"), [b"pro"], "{what}");
+        assert_eq!(got("x-forwarded-for"), [b"127.0.0.1"], "{what}");
+        // The origin's verifier accepted the one signature PayFence made.
+        assert_eq!(got("x-payfence-signature").len(), 1, "{what}");
+        assert_eq!(got("x-payfence-timestamp").len(), 1, "{what}");
+    }
+}
