@@ -118,6 +118,16 @@ const QUERY_VALUES: &[&str] = &[
     "%2F..%2F",
 ];
 
+/// The run's seed: `PAYFENCE_TEST_SEED` if set, else a fresh one; printed either way.
+fn seed() -> u64 {
+    let seed = std::env::var("PAYFENCE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("PAYFENCE_TEST_SEED={seed}");
+    seed
+}
+
 /// What the random requests are aimed at; made again when a request deletes it.
 struct Target {
     site_id: String,
@@ -311,11 +321,7 @@ async fn check(method: &Method, url: &str, res: reqwest::Response, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_to_every_route_get_a_clear_answer() {
-    let seed = std::env::var("PAYFENCE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("PAYFENCE_TEST_SEED={seed}");
+    let seed = seed();
     let app = std::sync::Arc::new(
         spawn_app_with(Config {
             dashboard_requests_per_second: 1_000_000,
@@ -378,11 +384,7 @@ const PATH_PIECES: &[&str] = &[
 
 #[tokio::test]
 async fn random_paths_reach_the_origin_exactly_as_signed() {
-    let seed = std::env::var("PAYFENCE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("PAYFENCE_TEST_SEED={seed}");
+    let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let app = spawn_app().await;
     let s = app.setup(10_000, 1_000_000).await;
@@ -451,11 +453,7 @@ async fn random_headers_reach_the_origin_stripped_of_hop_by_hop_and_token() {
         "tab\there",
         "%0d%0a",
     ];
-    let seed = std::env::var("PAYFENCE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("PAYFENCE_TEST_SEED={seed}");
+    let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let app = spawn_app().await;
     let s = app.setup(10_000, 1_000_000).await;
