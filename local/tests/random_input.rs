@@ -349,6 +349,8 @@ async fn random_requests_to_every_route_get_a_clear_answer() {
                     let (method, url, req) = request(&mut rng, &app, &t, &jwts);
                     let res = req.send().await.unwrap();
                     check(&method, &url, res, seed).await;
+                    // A fresh target when this one is gone, and every 50 requests, so
+                    // no site stays revoked, rotated or renamed for the whole run.
                     if i % 50 == 49
                         || app
                             .get(&owner, &format!("/api/sites/{}", t.site_id))
