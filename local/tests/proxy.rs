@@ -96,6 +96,45 @@ async fn token_header_lets_consumer_authorization_through() {
     assert_eq!(s.origin.last().path_and_query, "/");
 }
 
+#[tokio::test]
+async fn the_origins_hop_by_hop_headers_stay_behind() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 100_000).await;
+    let res = app
+        .http
+        .get(app.url(&format!("/p/{}/h", s.site_id)))
+        .bearer_auth(&s.token)
+        .header("x-respond-header", "keep-alive: timeout=99")
+        .header("x-respond-header", "proxy-authenticate: Basic")
+        .header("x-respond-header", "trailer: x-checksum")
+        .header("x-respond-header", "connection: x-hop")
+        .header("x-respond-header", "x-hop: for the proxy only")
+        .header("x-respond-header", "x-kept: for the client")
+        .header("x-respond-header", "x-kept: twice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let all = |n: &str| -> Vec<&str> {
+        res.headers()
+            .get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("x-kept"), ["for the client", "twice"]);
+    assert_eq!(all("x-origin"), ["yes"]);
+    for hop in ["keep-alive", "proxy-authenticate", "trailer", "x-hop"] {
+        assert!(all(hop).is_empty(), "{hop}: {:?}", res.headers());
+    }
+    assert!(
+        all("connection").iter().all(|c| !c.contains("x-hop")),
+        "{:?}",
+        res.headers()
+    );
+    assert_eq!(res.text().await.unwrap(), "ok");
+}
+
 async fn problem(res: reqwest::Response) -> Value {
     assert_eq!(
         header(&res, "content-type"),

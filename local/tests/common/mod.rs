@@ -136,7 +136,8 @@ pub async fn bind_origin() -> (TcpListener, SocketAddr) {
 
 /// The test origin: behind `payfence_signing::VerifyLayer`, records what it saw and
 /// answers with `x-respond-with` as body (or "ok"), or with a `302` to
-/// `x-redirect-to`. `/slow` sleeps 3 s first.
+/// `x-redirect-to`; each `x-respond-header: name: value` adds that header to the
+/// answer. `/slow` sleeps 3 s first.
 pub fn serve_origin(listener: TcpListener, verifier: payfence_signing::Verifier) -> Origin {
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -172,7 +173,15 @@ pub fn serve_origin(listener: TcpListener, verifier: payfence_signing::Verifier)
                     .get("x-respond-with")
                     .map(|v| v.to_str().unwrap().to_owned())
                     .unwrap_or_else(|| "ok".into());
-                ([("x-origin", "yes")], reply).into_response()
+                let mut res = ([("x-origin", "yes")], reply).into_response();
+                for h in parts.headers.get_all("x-respond-header") {
+                    let (name, value) = h.to_str().unwrap().split_once(':').unwrap();
+                    res.headers_mut().append(
+                        http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+                        http::HeaderValue::from_str(value.trim()).unwrap(),
+                    );
+                }
+                res
             }
         })
         .layer(payfence_signing::VerifyLayer::new(verifier));
