@@ -1,5 +1,5 @@
-//! The real `payfence-local` binary: start-up line, dev-token, restarts, privacy
-//! of bodies, and bad input on the wire.
+//! The real `payfence-local` binary: start-up line, dev-token, restarts (also a hard
+//! kill under load), privacy of bodies, and bad input on the wire.
 
 mod common;
 
@@ -235,6 +235,150 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
         .await
         .unwrap();
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
+}
+
+/// Killed hard in the middle of a load: every decision a client was told of is
+/// there after the restart, counted and in the audit log, and nothing more than was
+/// sent. (A process crash: it shows that no answer goes out before its decision is in
+/// the log and that the log is replayed; surviving power loss is the log's
+/// `fdatasync`, which no test here can cut.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_kill_under_load_loses_no_acknowledged_decision() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const QUOTA: u64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let http = client();
+    let jwt = dev_token(dir.path(), "alice", "site_owner");
+    let base = server.base.clone();
+    let site = post_json(
+        &http,
+        &format!("{base}/api/sites"),
+        &jwt,
+        &json!({"name": "Load", "origin_url": "http://127.0.0.1:9",
+                "site_requests_per_second": 100_000}),
+    )
+    .await;
+    let site_id = site["site_id"].as_str().unwrap().to_owned();
+    let plan = post_json(
+        &http,
+        &format!("{base}/api/sites/{site_id}/plans"),
+        &jwt,
+        &json!({"name": "pro", "requests_per_minute": 10_000, "monthly_quota": QUOTA}),
+    )
+    .await;
+    let token = post_json(
+        &http,
+        &format!("{base}/api/sites/{site_id}/tokens"),
+        &jwt,
+        &json!({"plan_id": plan["plan_id"]}),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key = post_json(
+        &http,
+        &format!("{base}/api/sites/{site_id}/api-keys"),
+        &jwt,
+        &json!({}),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let caller = http.clone();
+    let authorize = move |base: String, path: String| {
+        let (http, key, token) = (caller.clone(), key.clone(), token.clone());
+        async move {
+            let res = http
+                .post(format!("{base}/v1/authorize"))
+                .bearer_auth(key)
+                .json(&json!({"token": token, "method": "GET", "path": path}))
+                .send()
+                .await
+                .ok()?;
+            assert_eq!(res.status(), 200);
+            let v: Value = res.json().await.ok()?;
+            assert_eq!(v["decision"], "allow", "{v}");
+            v["remaining"]["quota"].as_u64()
+        }
+    };
+
+    // 32 clients, each path used once, until the kill cuts them off.
+    let sent = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..32)
+        .map(|c| {
+            let (authorize, sent, acked, base) =
+                (authorize.clone(), sent.clone(), acked.clone(), base.clone());
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let path = format!("/k/{c}/{n}");
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    match authorize(base.clone(), path.clone()).await {
+                        Some(_) => acked.lock().unwrap().push(path),
+                        None => break, // the server is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(server); // SIGKILL, with requests in flight
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(
+        acked.len() > 100,
+        "only {} decisions before the kill",
+        acked.len()
+    );
+
+    let server = start(dir.path());
+    let remaining = authorize(server.base.clone(), "/after".into())
+        .await
+        .expect("an answer after the restart");
+    let counted = QUOTA - remaining - 1;
+    assert!(
+        counted >= acked.len() as u64 && counted <= sent,
+        "{counted} counted; {} acknowledged, {sent} sent",
+        acked.len()
+    );
+    let export = http
+        .get(format!(
+            "{}/api/sites/{site_id}/logs/export?format=ndjson",
+            server.base
+        ))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let logged: std::collections::HashSet<String> = export
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["path"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .filter(|p| p != "/after")
+        .collect();
+    assert_eq!(
+        logged.len() as u64,
+        counted,
+        "one audit record per counted decision"
+    );
+    let missing: Vec<_> = acked.iter().filter(|p| !logged.contains(*p)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not logged: {missing:?}"
+    );
 }
 
 /// A site in front of a fresh verifying origin, a plan (600/min, 50 a month) and a
