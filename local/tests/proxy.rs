@@ -527,6 +527,72 @@ async fn one_audit_record_per_decision() {
 }
 
 #[tokio::test]
+async fn secret_query_values_reach_the_origin_but_never_the_audit_log() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let res = app
+        .http
+        .patch(app.url(&format!("/api/sites/{}", s.site_id)))
+        .bearer_auth(&s.owner)
+        .json(&json!({"secret_query_params": ["api_key"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // However the client spells the name, its origin reads it as `api_key`.
+    let targets = [
+        "/v1/a?api_key=hide-1&x=1",
+        "/v1/b?x=2&api%5Fkey=hide-2",
+        "/v1/c?API_KEY=hide-3",
+        "/v1/d?api_key",
+    ];
+    for target in targets {
+        let res = app.proxy_get(&s.site_id, target, &s.token).await;
+        assert_eq!(res.status(), 200, "{target}");
+        assert_eq!(s.origin.last().path_and_query, target, "forwarded as sent");
+    }
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let res = app
+        .http
+        .post(app.url("/v1/authorize"))
+        .bearer_auth(&key)
+        .json(&json!({"token": s.token, "method": "GET", "path": "/v1/e?Api%5fKey=hide-4"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let logs = app.logs(&s.owner, &s.site_id, "").await;
+    let paths: Vec<&str> = logs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/e?Api%5fKey=***",
+            "/v1/d?api_key=***",
+            "/v1/c?API_KEY=***",
+            "/v1/b?x=2&api%5Fkey=***",
+            "/v1/a?api_key=***&x=1",
+        ]
+    );
+    let export = app
+        .get(
+            &s.owner,
+            &format!("/api/sites/{}/logs/export?format=csv", s.site_id),
+        )
+        .await;
+    assert_eq!(export.status(), 200);
+    let export = export.text().await.unwrap();
+    assert_eq!(export.matches("=***").count(), 5, "{export}");
+    assert!(!export.contains("hide-"), "{export}");
+}
+
+#[tokio::test]
 async fn an_http_1_0_origin_keeps_the_clients_connection_alive() {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let app = spawn_app().await;

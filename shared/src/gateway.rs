@@ -1,6 +1,7 @@
 //! The authorize use case shared by proxy and middleware mode: resolve the token,
 //! apply the client's failed-attempt limit, then one atomic check-and-count.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -428,7 +429,19 @@ pub fn audit_path(path_and_query: &str, secret_params: &[String]) -> String {
         .split('&')
         .map(|pair| {
             let name = pair.split('=').next().unwrap_or("");
-            if secret_params.iter().any(|s| s == name) {
+            // Compared as the origin's framework would read the name: percent- and
+            // `+`-decoded; and, to mask rather than leak, ignoring ASCII case.
+            let decoded: Cow<str> = if name.contains(['%', '+']) {
+                url::form_urlencoded::parse(name.as_bytes())
+                    .next()
+                    .map_or("".into(), |(n, _)| n)
+            } else {
+                name.into()
+            };
+            let secret = secret_params
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(&decoded));
+            if secret {
                 format!("{name}=***")
             } else {
                 pair.to_owned()
@@ -448,6 +461,15 @@ mod tests {
         assert_eq!(
             audit_path("/a?x=1&api_key=s3cr3t", &secret),
             "/a?x=1&api_key=***"
+        );
+        assert_eq!(
+            audit_path("/a?api%5Fkey=s&API_KEY=s&api+key=s&api%5fkey2=x", &secret),
+            "/a?api%5Fkey=***&API_KEY=***&api+key=s&api%5fkey2=x"
+        );
+        let spaced = vec!["api key".to_string()];
+        assert_eq!(
+            audit_path("/a?api+key=s&api%20key=s", &spaced),
+            "/a?api+key=***&api%20key=***"
         );
         assert_eq!(audit_path("/a", &secret), "/a");
         assert_eq!(audit_path("/a?x=1", &[]), "/a?x=1");
