@@ -527,7 +527,7 @@ async fn one_audit_record_per_decision() {
 }
 
 #[tokio::test]
-async fn secret_query_values_reach_the_origin_but_never_the_audit_log() {
+async fn secret_query_values_and_tokens_reach_the_origin_but_never_the_audit_log() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     let res = app
@@ -552,6 +552,11 @@ async fn secret_query_values_reach_the_origin_but_never_the_audit_log() {
         assert_eq!(res.status(), 200, "{target}");
         assert_eq!(s.origin.last().path_and_query, target, "forwarded as sent");
     }
+    // A consumer token a client put in the path or query is never logged either.
+    let target = format!("/v1/t/{}?access_token={}", s.token, s.token);
+    let res = app.proxy_get(&s.site_id, &target, &s.token).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.origin.last().path_and_query, target);
     let key = app.create_key(&s.owner, &s.site_id).await;
     let res = app
         .http
@@ -574,6 +579,7 @@ async fn secret_query_values_reach_the_origin_but_never_the_audit_log() {
         paths,
         [
             "/v1/e?Api%5fKey=***",
+            "/v1/t/pf_live_***?access_token=pf_live_***",
             "/v1/d?api_key=***",
             "/v1/c?API_KEY=***",
             "/v1/b?x=2&api%5Fkey=***",
@@ -590,6 +596,7 @@ async fn secret_query_values_reach_the_origin_but_never_the_audit_log() {
     let export = export.text().await.unwrap();
     assert_eq!(export.matches("=***").count(), 5, "{export}");
     assert!(!export.contains("hide-"), "{export}");
+    assert!(!export.contains(&s.token), "{export}");
 }
 
 #[tokio::test]

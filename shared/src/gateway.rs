@@ -416,9 +416,34 @@ pub struct AuthorizeRequest<'a> {
     pub started: Instant,
 }
 
-/// The path as recorded in audit: the query keeps its names, and the values of
-/// parameters the site marks secret become `***`.
+/// The path as recorded in audit: the query keeps its names, the values of
+/// parameters the site marks secret become `***`, and a consumer token a client put
+/// anywhere in it becomes `pf_live_***`.
 pub fn audit_path(path_and_query: &str, secret_params: &[String]) -> String {
+    mask_tokens(mask_secret_params(path_and_query, secret_params))
+}
+
+fn mask_tokens(path: String) -> String {
+    const PREFIX: &str = ids::TOKEN_PREFIX;
+    if !path.contains(PREFIX) {
+        return path;
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path.as_str();
+    while let Some(i) = rest.find(PREFIX) {
+        out.push_str(&rest[..i + PREFIX.len()]);
+        out.push_str("***");
+        rest = &rest[i + PREFIX.len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn mask_secret_params(path_and_query: &str, secret_params: &[String]) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
     };
@@ -472,6 +497,14 @@ mod tests {
             "/a?api+key=***&api%20key=***"
         );
         assert_eq!(audit_path("/a", &secret), "/a");
+        assert_eq!(
+            audit_path(
+                "/t/pf_live_AbC-_9/x?q=pf_live_Zz&api_key=pf_live_1&pf_live_",
+                &secret
+            ),
+            "/t/pf_live_***/x?q=pf_live_***&api_key=***&pf_live_***"
+        );
+        assert_eq!(audit_path("/pf_live_a%2F", &[]), "/pf_live_***%2F");
         assert_eq!(audit_path("/a?x=1", &[]), "/a?x=1");
     }
 }
