@@ -229,6 +229,18 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         assert_eq!(p["field"], field, "{body}");
         assert_eq!(p["status"], 422);
     }
+    // A value in the wrong field may be a secret: the detail names its type, never it.
+    let secret = "pfsig_pasted-into-the-wrong-field";
+    for body in [
+        json!({"name": "x", "origin_url": "https://api.example.com", "replay_window_seconds": secret}),
+        json!({"name": "x", "origin_url": "https://api.example.com", "secret_query_params": secret}),
+    ] {
+        let res = app.post(&owner, "/api/sites", body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        let p = res.text().await.unwrap();
+        assert!(p.contains("invalid type: a string, expected"), "{p}");
+        assert!(!p.contains(secret), "{p}");
+    }
     let res = app
         .http
         .post(app.url("/api/sites"))

@@ -495,6 +495,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// serde's message for a value of the wrong type or an unknown variant, without the
+/// value (which may be a secret put in the wrong field): `invalid type: string "…",
+/// expected u64` becomes `invalid type: a string, expected u64`. Messages about
+/// field names (missing, unknown) are kept whole.
+fn without_value(msg: &str) -> String {
+    let what = ["invalid type: ", "invalid value: ", "unknown variant "]
+        .into_iter()
+        .find(|p| msg.starts_with(p));
+    let (Some(what), Some(expected)) = (what, msg.rfind(", expected ")) else {
+        return msg.to_owned();
+    };
+    let found = &msg[what.len()..expected];
+    let kind = match found.split([' ', '`']).next().unwrap_or("") {
+        _ if what == "unknown variant " => "",
+        "string" => "a string",
+        "integer" => "an integer",
+        "floating" => "a number",
+        "boolean" => "a boolean",
+        "sequence" => "an array",
+        "map" => "an object",
+        "null" => "null",
+        _ => "a value",
+    };
+    let (head, rest) = (what.trim_end(), &msg[expected..]);
+    match kind {
+        "" => format!("{head}{rest}"),
+        kind => format!("{head} {kind}{rest}"),
+    }
+}
+
 /// Path parameters whose rejections (such as percent-encoded bytes that are not
 /// UTF-8) are problem+json.
 pub struct ApiPath<T>(pub T);
@@ -534,7 +564,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         let inner = e.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
-                let detail = inner.to_string();
+                let detail = without_value(&inner.to_string());
                 // A missing or unknown field names itself in backticks at the top level.
                 let field = if path == "." {
                     detail.split('`').nth(1).unwrap_or("body").to_owned()
@@ -549,4 +579,61 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        n: Option<u64>,
+        mode: Option<crate::domain::Mode>,
+    }
+
+    fn detail(body: &str) -> (String, String) {
+        match parse_json::<Body>(body.as_bytes()) {
+            Err(ApiError::Invalid { field, detail }) => (field, detail),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_field_details_never_echo_the_value() {
+        let secret = "pf_live_s3cr3t, expected u64 \\\" `x`";
+        for (body, field, expected) in [
+            (
+                format!(r#"{{"n": "{secret}"}}"#),
+                "n",
+                "invalid type: a string, expected u64 at line 1 column 43",
+            ),
+            (
+                format!(r#"{{"mode": "{secret}"}}"#),
+                "mode",
+                "unknown variant, expected `proxy` or `middleware` at line 1 column 46",
+            ),
+            (
+                r#"{"n": -12345}"#.to_owned(),
+                "n",
+                "invalid value: an integer, expected u64 at line 1 column 12",
+            ),
+            (
+                r#"{"n": [1.5]}"#.to_owned(),
+                "n",
+                "invalid type: an array, expected u64 at line 1 column 6",
+            ),
+            (
+                r#"{"nope": 1}"#.to_owned(),
+                "nope",
+                "unknown field `nope`, expected `n` or `mode` at line 1 column 7",
+            ),
+        ] {
+            let (f, d) = detail(&body);
+            assert_eq!((f.as_str(), d.as_str()), (field, expected), "{body}");
+            assert!(!d.contains("s3cr3t") && !d.contains("12345"), "{d}");
+        }
+    }
 }
