@@ -4,7 +4,10 @@
 #   bash bench/run.sh            # results to stdout; see docs/performance.md
 # Options (environment): DUR=10s per run; CONNS="32 64"; ONLY="authorize proxy direct nginx";
 # PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check);
-# BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits);
+# BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits; build the
+# other commit in a git worktree with its own CARGO_TARGET_DIR: cargo fingerprints workspace
+# members by paths relative to the workspace, so in a shared target dir the next build here
+# can take the other commit's artifacts as fresh);
 # PAUSED=1 adds runs at a fixed, moderate load: PAUSED_CONNS=64 connections, each pausing
 # 0 to 2 x PAUSE_MS=10 ms (uniformly) between requests, so arrivals are spread rather than
 # in waves (latency added by the proxy without saturating the machine).
