@@ -90,6 +90,17 @@ async fn token_header_lets_consumer_authorization_through() {
         "Basic dXNlcjpwdw=="
     );
     assert!(seen.headers.get("x-payfence-token").is_none());
+    // An Authorization that repeats the token is the token: it stays behind.
+    let res = app
+        .http
+        .get(app.url(&format!("/p/{}/me", s.site_id)))
+        .header("x-payfence-token", &s.token)
+        .header("authorization", format!("bearer  {}", s.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(s.origin.last().headers.get("authorization").is_none());
     // The site root is reachable too.
     let res = app.proxy_get(&s.site_id, "", &s.token).await;
     assert_eq!(res.status(), 200);

@@ -234,6 +234,9 @@ async fn handle(
         Some(v) => Some(String::from_utf8_lossy(v.as_bytes())),
         None => bearer(req.headers()),
     };
+    // The consumer's own `Authorization` reaches the origin, unless it repeats the token.
+    let drop_authorization =
+        !via_header || bearer(req.headers()).is_some_and(|b| Some(&*b) == token.as_deref());
     let ip = client_ip(&req);
     let authorized = st
         .app
@@ -284,12 +287,10 @@ async fn handle(
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     headers.remove(HOST);
-    if via_header {
-        headers.remove(TOKEN_HEADER);
-    } else {
+    if drop_authorization {
         headers.remove(AUTHORIZATION);
     }
-    // Nothing a client sends may pass for a PayFence header.
+    // Nothing a client sends may pass for a PayFence header (X-PayFence-Token goes too).
     let spoofable: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("x-payfence-"))
