@@ -103,6 +103,7 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         )
         .await;
         assert_eq!(res.status(), 401, "{bad}");
+        assert_eq!(header(&res, "www-authenticate"), Some("Bearer"), "{bad}");
     }
     let res = app
         .http

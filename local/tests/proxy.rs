@@ -167,6 +167,7 @@ async fn denials_have_the_right_status_reason_and_headers() {
         .await
         .unwrap();
     assert_eq!(res.status(), 401);
+    assert_eq!(header(&res, "www-authenticate"), Some("Bearer"));
     assert_eq!(problem(res).await["reason"], "missing_token");
     // A CORS preflight is a request like any other: it carries no token.
     let res = app
@@ -196,6 +197,10 @@ async fn denials_have_the_right_status_reason_and_headers() {
             .await
             .unwrap();
         assert_eq!(res.status(), 401, "{garbage}");
+        assert_eq!(
+            header(&res, "www-authenticate"),
+            Some(r#"Bearer error="invalid_token""#)
+        );
         let p = problem(res).await;
         assert_eq!(p["reason"], "invalid_token", "{garbage}");
         assert!(

@@ -12,7 +12,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -152,9 +152,17 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let mut res = problem(status, self.slug(), &detail, extra);
-        if let Self::TooManyRequests { retry_after } = self {
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            Self::TooManyRequests { retry_after } => {
+                res.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            // Every credential PayFence's own endpoints take is a bearer one (RFC 6750).
+            Self::Unauthorized(_) => {
+                res.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         res
     }

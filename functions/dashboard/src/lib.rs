@@ -12,7 +12,7 @@ use axum::middleware::{from_fn, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::StatusCode;
 use payfence_core::auth::{AuthError, Principal, Role};
 use payfence_core::domain::{
@@ -118,12 +118,7 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
             return ApiError::Forbidden(AuthError::NoRole.to_string()).into_response()
         }
         Err(AuthError::KeysUnavailable(e)) => return ApiError::Unavailable(e).into_response(),
-        Err(e) => {
-            let mut res = ApiError::Unauthorized(e.to_string()).into_response();
-            res.headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return res;
-        }
+        Err(e) => return ApiError::Unauthorized(e.to_string()).into_response(),
     };
     let limit = st.config.dashboard_requests_per_second;
     let reset = now_ms() / 1000 + 1;

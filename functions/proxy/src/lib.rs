@@ -11,9 +11,11 @@ use axum::middleware::from_fn;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, LOCATION};
-use http::{HeaderMap, Uri};
-use payfence_core::domain::{elapsed_ms, now_ms, Mode};
+use http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, LOCATION, WWW_AUTHENTICATE,
+};
+use http::{HeaderMap, StatusCode, Uri};
+use payfence_core::domain::{elapsed_ms, now_ms, Mode, Reason};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, client_ip, decision_headers, problem, request_context, ApiError, LogFields, RequestId,
@@ -171,6 +173,15 @@ fn denial(d: &Decision) -> Response {
         Some(json!({"reason": reason})),
     );
     decision_headers(res.headers_mut(), d);
+    if d.status() == StatusCode::UNAUTHORIZED {
+        // RFC 6750: a token that was sent but is not valid is named as such.
+        let challenge = match d.reason {
+            Some(Reason::MissingToken) => "Bearer",
+            _ => "Bearer error=\"invalid_token\"",
+        };
+        res.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    }
     res
 }
 
