@@ -600,7 +600,8 @@ async fn secret_query_values_and_tokens_reach_the_origin_but_never_the_audit_log
             "/v1/c?API_KEY=***",
             "/v1/b?x=2&api%5Fkey=***",
             "/v1/a?api_key=***&x=1",
-        ]
+        ],
+        "newest first, also within a millisecond"
     );
     let export = app
         .get(
