@@ -5,16 +5,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-async fn authorize(app: &App, key: &str, body: Value) -> reqwest::Response {
-    app.http
-        .post(app.url("/v1/authorize"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn decisions_have_the_documented_shape() {
     let app = spawn_app().await;
@@ -22,12 +12,12 @@ async fn decisions_have_the_documented_shape() {
     let key = app.create_key(&s.owner, &s.site_id).await;
     avoid_minute_boundary().await;
 
-    let res = authorize(
-        &app,
-        &key,
-        json!({"token": s.token, "method": "GET", "path": "/v1/flights"}),
-    )
-    .await;
+    let res = app
+        .authorize(
+            &key,
+            json!({"token": s.token, "method": "GET", "path": "/v1/flights"}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
     assert_rate_headers(&res);
     let d: Value = res.json().await.unwrap();
@@ -45,7 +35,8 @@ async fn decisions_have_the_documented_shape() {
     assert_eq!(d["retry_after"], Value::Null);
 
     // Denials are 200 with a reason.
-    let d: Value = authorize(&app, &key, json!({"method": "GET", "path": "/"}))
+    let d: Value = app
+        .authorize(&key, json!({"method": "GET", "path": "/"}))
         .await
         .json()
         .await
@@ -54,31 +45,30 @@ async fn decisions_have_the_documented_shape() {
         (d["decision"].as_str(), d["reason"].as_str()),
         (Some("deny"), Some("missing_token"))
     );
-    let d: Value = authorize(
-        &app,
-        &key,
-        json!({"token": "pf_live_nope", "method": "GET", "path": "/"}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let d: Value = app
+        .authorize(
+            &key,
+            json!({"token": "pf_live_nope", "method": "GET", "path": "/"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(d["reason"], "invalid_token");
     assert_eq!(d["token_id"], Value::Null);
     for _ in 0..9 {
-        authorize(
-            &app,
+        app.authorize(
             &key,
             json!({"token": s.token, "method": "GET", "path": "/"}),
         )
         .await;
     }
-    let res = authorize(
-        &app,
-        &key,
-        json!({"token": s.token, "method": "GET", "path": "/"}),
-    )
-    .await;
+    let res = app
+        .authorize(
+            &key,
+            json!({"token": s.token, "method": "GET", "path": "/"}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
     assert!(header(&res, "retry-after").is_some());
     let d: Value = res.json().await.unwrap();
@@ -96,12 +86,9 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
     let s = app.setup(10, 1000).await;
     let key = app.create_key(&s.owner, &s.site_id).await;
     for bad in ["", "sk_nope", &format!("sk_{}", "0".repeat(48))] {
-        let res = authorize(
-            &app,
-            bad,
-            json!({"token": s.token, "method": "GET", "path": "/"}),
-        )
-        .await;
+        let res = app
+            .authorize(bad, json!({"token": s.token, "method": "GET", "path": "/"}))
+            .await;
         assert_eq!(res.status(), 401, "{bad}");
         assert_eq!(header(&res, "www-authenticate"), Some("Bearer"), "{bad}");
     }
@@ -187,11 +174,11 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         .await
         .unwrap();
     assert_eq!(res.status(), 204);
-    let res = authorize(
-        &app,
-        &key,
-        json!({"token": s.token, "method": "GET", "path": "/"}),
-    )
-    .await;
+    let res = app
+        .authorize(
+            &key,
+            json!({"token": s.token, "method": "GET", "path": "/"}),
+        )
+        .await;
     assert_eq!(res.status(), 401);
 }

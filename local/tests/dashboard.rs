@@ -769,15 +769,14 @@ async fn the_token_list_comes_in_pages() {
 }
 
 async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
-    app.http
-        .patch(app.url(&format!("/api/sites/{}", s.site_id)))
-        .bearer_auth(&s.owner)
-        .json(&json!({"origin_url": origin_url}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    app.patch(
+        &s.owner,
+        &format!("/api/sites/{}", s.site_id),
+        json!({"origin_url": origin_url}),
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 #[tokio::test]
@@ -793,13 +792,11 @@ async fn logs_filter_paginate_and_export() {
     }
     let key = app.create_key(&s.owner, &s.site_id).await;
     let res = app
-        .http
-        .post(app.url("/v1/authorize"))
-        .bearer_auth(&key)
-        .json(&json!({"token": s.token, "method": "GET", "path": "/v1/cars"}))
-        .send()
-        .await
-        .unwrap();
+        .authorize(
+            &key,
+            json!({"token": s.token, "method": "GET", "path": "/v1/cars"}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
     let q = |query: &str| {
         let query = query.to_owned();

@@ -297,13 +297,12 @@ async fn failed_attempts_per_client_are_limited() {
     let s = app.setup(600, 1000).await;
     let owner = app.jwt("alice", Role::SiteOwner);
     let res = app
-        .http
-        .patch(app.url(&format!("/api/sites/{}", s.site_id)))
-        .bearer_auth(&owner)
-        .json(&json!({"failed_attempts_per_minute": 3}))
-        .send()
-        .await
-        .unwrap();
+        .patch(
+            &owner,
+            &format!("/api/sites/{}", s.site_id),
+            json!({"failed_attempts_per_minute": 3}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
     let bad = format!("pf_live_{}", "B".repeat(43));
     for _ in 0..3 {
@@ -547,13 +546,12 @@ async fn secret_query_values_and_tokens_reach_the_origin_but_never_the_audit_log
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     let res = app
-        .http
-        .patch(app.url(&format!("/api/sites/{}", s.site_id)))
-        .bearer_auth(&s.owner)
-        .json(&json!({"secret_query_params": ["api_key"]}))
-        .send()
-        .await
-        .unwrap();
+        .patch(
+            &s.owner,
+            &format!("/api/sites/{}", s.site_id),
+            json!({"secret_query_params": ["api_key"]}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
 
     // However the client spells the name, its origin reads it as `api_key`.
@@ -575,13 +573,11 @@ async fn secret_query_values_and_tokens_reach_the_origin_but_never_the_audit_log
     assert_eq!(s.origin.last().path_and_query, target);
     let key = app.create_key(&s.owner, &s.site_id).await;
     let res = app
-        .http
-        .post(app.url("/v1/authorize"))
-        .bearer_auth(&key)
-        .json(&json!({"token": s.token, "method": "GET", "path": "/v1/e?Api%5fKey=hide-4"}))
-        .send()
-        .await
-        .unwrap();
+        .authorize(
+            &key,
+            json!({"token": s.token, "method": "GET", "path": "/v1/e?Api%5fKey=hide-4"}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
 
     let logs = app.logs(&s.owner, &s.site_id, "").await;

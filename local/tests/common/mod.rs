@@ -221,6 +221,27 @@ impl App {
             .unwrap()
     }
 
+    pub async fn patch(&self, jwt: &str, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .patch(self.url(path))
+            .bearer_auth(jwt)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /v1/authorize` with a site API key.
+    pub async fn authorize(&self, key: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/authorize"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, jwt: &str, path: &str) -> reqwest::Response {
         self.http
             .get(self.url(path))
