@@ -514,9 +514,15 @@ fn without_value(msg: &str) -> String {
     let (Some(what), Some(expected)) = (what, msg.rfind(", expected ")) else {
         return msg.to_owned();
     };
-    let found = &msg[what.len()..expected];
-    let kind = match found.split([' ', '`']).next().unwrap_or("") {
-        _ if what == "unknown variant " => "",
+    let (head, rest) = (what.trim_end(), &msg[expected..]);
+    if what == "unknown variant " {
+        return format!("{head}{rest}");
+    }
+    let kind = match msg[what.len()..expected]
+        .split([' ', '`'])
+        .next()
+        .unwrap_or("")
+    {
         "string" => "a string",
         "integer" => "an integer",
         "floating" => "a number",
@@ -526,11 +532,7 @@ fn without_value(msg: &str) -> String {
         "null" => "null",
         _ => "a value",
     };
-    let (head, rest) = (what.trim_end(), &msg[expected..]);
-    match kind {
-        "" => format!("{head}{rest}"),
-        kind => format!("{head} {kind}{rest}"),
-    }
+    format!("{head} {kind}{rest}")
 }
 
 /// Path parameters whose rejections (such as percent-encoded bytes that are not
