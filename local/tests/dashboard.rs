@@ -2,6 +2,7 @@
 
 mod common;
 
+use base64::Engine;
 use common::*;
 use payfence_core::auth::Role;
 use payfence_core::config::Config;
@@ -616,6 +617,95 @@ async fn concurrent_plan_changes_never_undo_each_other() {
         },
         "quota {quota}, applied {quotas:?}"
     );
+}
+
+#[tokio::test]
+async fn webhook_settings_show_the_secret_once_and_are_never_removed_by_omission() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let path = format!("/api/sites/{}/webhook", s.site_id);
+    let put = |body: Value| app.send(reqwest::Method::PUT, &s.owner, &path, body);
+    assert_eq!(
+        app.get_json(&s.owner, &path).await,
+        json!({"url": null, "has_secret": false})
+    );
+
+    // The first URL gets a Standard Webhooks secret, shown this once.
+    let res = put(json!({"url": "http://127.0.0.1:9/hooks"})).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["url"], "http://127.0.0.1:9/hooks");
+    let first = v["secret"].as_str().unwrap().to_owned();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(first.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    assert_eq!(raw.len(), 32);
+    // Changing the URL keeps the secret, and does not show it again.
+    let v: Value = put(json!({"url": "http://127.0.0.1:9/other"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["secret"], Value::Null);
+    let read = app.get_json(&s.owner, &path).await;
+    assert_eq!(
+        read,
+        json!({"url": "http://127.0.0.1:9/other", "has_secret": true})
+    );
+    // Rotation shows a new one.
+    let v: Value = put(json!({"url": "http://127.0.0.1:9/other", "rotate_secret": true}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second = v["secret"].as_str().unwrap();
+    assert!(second.starts_with("whsec_") && second != first);
+
+    // A body without `url` is refused, not read as "remove the webhook".
+    for body in [json!({"rotate_secret": true}), json!({})] {
+        let res = put(body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], "url");
+    }
+    for (url, status) in [
+        ("https://169.254.169.254/", 422),
+        ("ftp://example.com/", 422),
+        ("not a url", 422),
+    ] {
+        assert_eq!(put(json!({"url": url})).await.status(), status, "{url}");
+    }
+    assert_eq!(
+        app.get_json(&s.owner, &path).await["url"],
+        "http://127.0.0.1:9/other",
+        "refused changes change nothing"
+    );
+
+    // Another owner's site is not found; a consumer may not touch it.
+    for (who, status) in [
+        (app.jwt("bob", Role::SiteOwner), 404),
+        (app.jwt("carol", Role::Consumer), 403),
+    ] {
+        assert_eq!(app.get(&who, &path).await.status(), status);
+        let res = app
+            .send(reqwest::Method::PUT, &who, &path, json!({"url": null}))
+            .await;
+        assert_eq!(res.status(), status);
+    }
+
+    // `null` removes it; the change is in the owner's audit trail.
+    let v: Value = put(json!({"url": null})).await.json().await.unwrap();
+    assert_eq!(v, json!({"url": null, "secret": null}));
+    assert_eq!(app.get_json(&s.owner, &path).await["url"], Value::Null);
+    let trail = app.get_json(&s.owner, "/api/audit-trail").await;
+    let webhook_changes = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "site.webhook")
+        .count();
+    assert_eq!(webhook_changes, 4);
+    let text = trail.to_string();
+    assert!(!text.contains(&first) && !text.contains(second));
 }
 
 #[tokio::test]

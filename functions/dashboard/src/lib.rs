@@ -453,9 +453,17 @@ async fn get_webhook(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutWebhook {
+    /// Required, `null` to remove the webhook: a body that leaves it out (say
+    /// `{"rotate_secret": true}`) must not remove it by omission.
+    #[serde(deserialize_with = "required")]
     url: Option<String>,
     #[serde(default)]
     rotate_secret: bool,
+}
+
+/// A nullable field that must be present (serde takes a missing `Option` as `None`).
+fn required<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::deserialize(d)
 }
 
 /// Set (or clear, with `url: null`) the quota-warning webhook URL. A signing

@@ -211,9 +211,16 @@ impl App {
         format!("{}{path}", self.base)
     }
 
-    pub async fn post(&self, jwt: &str, path: &str, body: Value) -> reqwest::Response {
+    /// A dashboard request with a JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        jwt: &str,
+        path: &str,
+        body: Value,
+    ) -> reqwest::Response {
         self.http
-            .post(self.url(path))
+            .request(method, self.url(path))
             .bearer_auth(jwt)
             .json(&body)
             .send()
@@ -221,14 +228,12 @@ impl App {
             .unwrap()
     }
 
+    pub async fn post(&self, jwt: &str, path: &str, body: Value) -> reqwest::Response {
+        self.send(reqwest::Method::POST, jwt, path, body).await
+    }
+
     pub async fn patch(&self, jwt: &str, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .patch(self.url(path))
-            .bearer_auth(jwt)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.send(reqwest::Method::PATCH, jwt, path, body).await
     }
 
     /// `POST /v1/authorize` with a site API key.
