@@ -309,6 +309,33 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         assert_eq!(res.status(), 422, "{body}");
         assert_eq!(res.json::<Value>().await.unwrap()["field"], field, "{body}");
     }
+    // In a PATCH, `null` is not "leave it": it is refused, naming the field.
+    let plan_id = app.create_plan(&owner, sid, 60, 1000).await;
+    for (path, fields) in [
+        (
+            format!("/api/sites/{sid}"),
+            &[
+                "name",
+                "origin_url",
+                "site_requests_per_second",
+                "replay_window_seconds",
+                "failed_attempts_per_minute",
+                "secret_query_params",
+            ][..],
+        ),
+        (
+            format!("/api/sites/{sid}/plans/{plan_id}"),
+            &["name", "requests_per_minute", "monthly_quota"][..],
+        ),
+    ] {
+        for field in fields {
+            let res = app.patch(&owner, &path, json!({ *field: null })).await;
+            assert_eq!(res.status(), 422, "{path} {field}");
+            let p: Value = res.json().await.unwrap();
+            assert_eq!(p["field"], *field, "{p}");
+            assert!(p["detail"].as_str().unwrap().contains("must not be null"));
+        }
+    }
     let res = app
         .post(
             &owner,

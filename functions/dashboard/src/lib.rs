@@ -305,15 +305,35 @@ async fn get_site(
     Ok(json(StatusCode::OK, &site_view(&site)))
 }
 
+/// PATCH bodies: a field left out keeps its value; none of them takes `null`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateSite {
+    #[serde(default, deserialize_with = "not_null")]
     name: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     origin_url: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     site_requests_per_second: Option<u64>,
+    #[serde(default, deserialize_with = "not_null")]
     replay_window_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "not_null")]
     failed_attempts_per_minute: Option<u64>,
+    #[serde(default, deserialize_with = "not_null")]
     secret_query_params: Option<Vec<String>>,
+}
+
+/// A PATCH field that is either left out (`None`) or given a value: `null` would
+/// otherwise read as "left out" and change nothing without a word.
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    match Option::<T>::deserialize(d)? {
+        Some(v) => Ok(Some(v)),
+        None => Err(serde::de::Error::custom(
+            "must not be null: leave the field out to keep its value",
+        )),
+    }
 }
 
 impl UpdateSite {
@@ -604,8 +624,11 @@ async fn get_plan(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdatePlan {
+    #[serde(default, deserialize_with = "not_null")]
     name: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     requests_per_minute: Option<u64>,
+    #[serde(default, deserialize_with = "not_null")]
     monthly_quota: Option<u64>,
 }
 
