@@ -279,6 +279,13 @@ pub fn elapsed_ms(since: std::time::Instant) -> f64 {
     since.elapsed().as_micros() as f64 / 1000.0
 }
 
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

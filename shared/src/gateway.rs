@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::domain::{
-    elapsed_ms, now_ms, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode, Reason, Site,
+    elapsed_ms, now_us, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode, Reason, Site,
     AUDIT_RETENTION_SECS,
 };
 use crate::ids;
@@ -257,11 +257,12 @@ impl Gateway {
     /// Decide one request for `site`. Writes exactly one audit record. The caller
     /// must await `durable` before it answers anyone (see [`crate::store::Counting`]).
     pub async fn authorize(&self, req: AuthorizeRequest<'_>) -> Result<Authorized, GatewayError> {
-        let now = now_ms();
+        let now_us = now_us();
+        let now = now_us / 1000;
         let site = &req.site.site;
         let client = req.client_ip.map(|ip| self.sealing.client_hash(&ip));
         let audit = |decision: &Decision| AuditRecord {
-            id: ids::log_id(),
+            id: ids::log_id(now_us),
             timestamp: rfc3339_ms(now),
             ts_ms: now,
             site_id: site.site_id.clone(),

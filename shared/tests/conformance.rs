@@ -60,7 +60,7 @@ fn audit(
     path: &str,
 ) -> AuditRecord {
     AuditRecord {
-        id: ids::log_id(),
+        id: ids::log_id(ts_ms * 1000),
         timestamp: rfc3339_ms(ts_ms),
         ts_ms,
         site_id: site_id.into(),
@@ -109,7 +109,7 @@ fn allowed(c: &Counted) -> bool {
 }
 
 async fn sites_and_plans(store: Arc<dyn Store>) {
-    let owner = format!("o-{}", ids::log_id());
+    let owner = format!("o-{}", ids::log_id(0));
     let a = site(&owner);
     let b = site(&owner);
     store.create_site(&a).await.unwrap();
@@ -225,7 +225,7 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
     store.create_site(&s).await.unwrap();
     let p = plan(&s.site_id, 60, 1000);
     store.create_plan(&p).await.unwrap();
-    let consumer = format!("c-{}", ids::log_id());
+    let consumer = format!("c-{}", ids::log_id(0));
     let t1 = token(&s.site_id, &p.plan_id, Some(&consumer));
     let t2 = token(&s.site_id, &p.plan_id, None);
     store.create_token(&t1).await.unwrap();

@@ -1215,7 +1215,7 @@ mod tests {
         let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
         let now_ms = 1_795_000_020_000;
         let audit = |ts_ms| AuditRecord {
-            id: crate::ids::log_id(),
+            id: crate::ids::log_id(ts_ms * 1000),
             timestamp: String::new(),
             ts_ms,
             site_id: "site_a".into(),
