@@ -352,6 +352,16 @@ async fn invalid_input_is_400_or_422_naming_the_field() {
         .get(&owner, &format!("/api/sites/{sid}/logs?from=yesterday"))
         .await;
     assert_eq!(res.json::<Value>().await.unwrap()["field"], "from");
+    for route in ["logs", "logs/export"] {
+        let res = app
+            .get(
+                &owner,
+                &format!("/api/sites/{sid}/{route}?from=2026-02-01T00:00:00Z&to=1769817600"),
+            )
+            .await;
+        assert_eq!(res.status(), 422, "{route}: from after to");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], "from");
+    }
     let res = app
         .get(&owner, &format!("/api/sites/{sid}/logs?cursor=zzz"))
         .await;

@@ -938,6 +938,14 @@ fn parse_time(field: &str, v: &str) -> Result<u64, ApiError> {
 
 fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
     let get = |k: &str| q.get(k).map(|s| s.as_str());
+    let from_ms = get("from").map(|v| parse_time("from", v)).transpose()?;
+    let to_ms = get("to").map(|v| parse_time("to", v)).transpose()?;
+    if let (Some(from), Some(to)) = (from_ms, to_ms) {
+        if from > to {
+            // An empty answer would read as "nothing happened".
+            return Err(ApiError::invalid("from", "must not be after to"));
+        }
+    }
     Ok(AuditFilter {
         token_id: get("token_id").map(Into::into),
         plan: get("plan").map(Into::into),
@@ -950,8 +958,8 @@ fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
         reason: get("reason")
             .map(|r| Reason::parse(r).ok_or_else(|| ApiError::invalid("reason", "unknown reason")))
             .transpose()?,
-        from_ms: get("from").map(|v| parse_time("from", v)).transpose()?,
-        to_ms: get("to").map(|v| parse_time("to", v)).transpose()?,
+        from_ms,
+        to_ms,
         path_prefix: get("path_prefix").map(Into::into),
         mode: match get("mode") {
             None => None,
