@@ -109,7 +109,7 @@ fn allowed(c: &Counted) -> bool {
 }
 
 async fn sites_and_plans(store: Arc<dyn Store>) {
-    let owner = format!("o-{}", ids::log_id(0));
+    let owner = format!("o-{}", ids::request_id());
     let a = site(&owner);
     let b = site(&owner);
     store.create_site(&a).await.unwrap();
@@ -225,7 +225,7 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
     store.create_site(&s).await.unwrap();
     let p = plan(&s.site_id, 60, 1000);
     store.create_plan(&p).await.unwrap();
-    let consumer = format!("c-{}", ids::log_id(0));
+    let consumer = format!("c-{}", ids::request_id());
     let t1 = token(&s.site_id, &p.plan_id, Some(&consumer));
     let t2 = token(&s.site_id, &p.plan_id, None);
     store.create_token(&t1).await.unwrap();
