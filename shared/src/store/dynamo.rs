@@ -1193,6 +1193,14 @@ impl AuditStore for DynamoStore {
             Some(b) if *b < high => b.clone(),
             _ => high,
         };
+        if upper < low {
+            // Nothing in the window (DynamoDB rejects a BETWEEN whose bounds are
+            // inverted, which a cursor from before `from` would make).
+            return Ok(Page {
+                items: Vec::new(),
+                next_cursor: None,
+            });
+        }
         // Newest first from each shard, `limit + 1` matches at most, then merge.
         let mut all: Vec<(String, AuditRecord)> = Vec::new();
         for shard in 0..AUDIT_SHARDS {
