@@ -906,6 +906,64 @@ async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
     .as_u16()
 }
 
+/// Records past their 90 days are never listed or exported, even before the store
+/// deletes them (DynamoDB's TTL can take two days; the local server purges hourly).
+#[tokio::test]
+async fn records_past_their_retention_are_never_listed_or_exported() {
+    use payfence_core::domain::{
+        audit_expires_at, now_ms, rfc3339_ms, AuditRecord, DecisionKind, Mode, Reason,
+        AUDIT_RETENTION_SECS,
+    };
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let retention_ms = AUDIT_RETENTION_SECS * 1000;
+    for (ts_ms, path) in [
+        (now_ms() - retention_ms - 10_000, "/expired"),
+        (now_ms() - retention_ms + 60_000, "/kept"),
+    ] {
+        let record = AuditRecord {
+            id: payfence_core::ids::log_id(ts_ms * 1000),
+            timestamp: rfc3339_ms(ts_ms),
+            ts_ms,
+            site_id: s.site_id.clone(),
+            token_id: None,
+            plan: None,
+            method: "GET".into(),
+            path: path.into(),
+            decision: DecisionKind::Deny,
+            reason: Some(Reason::InvalidToken),
+            remaining: None,
+            latency_ms: 0.1,
+            mode: Mode::Proxy,
+            expires_at: audit_expires_at(ts_ms),
+        };
+        app.local.state.store().append_audit(record).await.unwrap();
+    }
+    let paths = |items: Vec<Value>| -> Vec<String> {
+        let path = |r: &Value| r["path"].as_str().unwrap().to_owned();
+        items.iter().map(path).collect()
+    };
+    for query in ["", "from=0", "from=2000-01-01T00:00:00Z&decision=deny"] {
+        let page = app.logs(&s.owner, &s.site_id, query).await;
+        let items = page["items"].as_array().unwrap().clone();
+        assert_eq!(paths(items), ["/kept"], "{query}");
+    }
+    let export = app
+        .get(
+            &s.owner,
+            &format!("/api/sites/{}/logs/export?from=0", s.site_id),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    let lines = export.lines().map(|l| serde_json::from_str(l).unwrap());
+    assert_eq!(paths(lines.collect()), ["/kept"]);
+    // A window that ended before the retention's start holds nothing.
+    let old = app.logs(&s.owner, &s.site_id, "from=0&to=86400").await;
+    assert_eq!(old["items"], json!([]));
+}
+
 #[tokio::test]
 async fn logs_filter_paginate_and_export() {
     let app = spawn_app().await;

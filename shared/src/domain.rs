@@ -187,11 +187,23 @@ pub struct AuditRecord {
     pub remaining: Option<u64>,
     pub latency_ms: f64,
     pub mode: Mode,
-    /// Unix seconds after which the record is gone (90 days).
+    /// The unix second from which the record is gone ([`audit_expires_at`]).
     pub expires_at: u64,
 }
 
+/// How long an audit record is kept.
 pub const AUDIT_RETENTION_SECS: u64 = 90 * 86_400;
+
+/// `expires_at` of a record made at `ts_ms`: its second plus the retention.
+pub fn audit_expires_at(ts_ms: u64) -> u64 {
+    ts_ms / 1000 + AUDIT_RETENTION_SECS
+}
+
+/// The oldest `ts_ms` of a record still kept at `now_s`, i.e. whose `expires_at` is
+/// after `now_s`. Records are ordered by time, so "expired" is "older than this".
+pub fn audit_kept_since_ms(now_s: u64) -> u64 {
+    (now_s + 1).saturating_sub(AUDIT_RETENTION_SECS) * 1000
+}
 
 /// Filters of the logs query (API.md "Audit log").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -288,4 +300,19 @@ pub fn now_us() -> u64 {
 
 pub fn now_ms() -> u64 {
     now_us() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_kept_exactly_while_its_expiry_is_ahead() {
+        let now_s = 1_800_000_000;
+        let edge = audit_kept_since_ms(now_s);
+        for ts_ms in edge - 2_500..edge + 2_500 {
+            assert_eq!(audit_expires_at(ts_ms) > now_s, ts_ms >= edge, "{ts_ms}");
+        }
+        assert_eq!(audit_kept_since_ms(AUDIT_RETENTION_SECS - 2), 0);
+    }
 }

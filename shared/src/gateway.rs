@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::domain::{
-    elapsed_ms, now_us, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode, Reason, Site,
-    AUDIT_RETENTION_SECS,
+    audit_expires_at, elapsed_ms, now_us, rfc3339_ms, ApiKey, AuditRecord, DecisionKind, Mode,
+    Reason, Site,
 };
 use crate::ids;
 use crate::limits::{PlanLimits, Verdict};
@@ -279,7 +279,7 @@ impl Gateway {
             remaining: None,
             latency_ms: elapsed_ms(req.started),
             mode: req.mode,
-            expires_at: now / 1000 + AUDIT_RETENTION_SECS,
+            expires_at: audit_expires_at(now),
         };
 
         // A client over its failed-attempt limit is cut off until its window slides.

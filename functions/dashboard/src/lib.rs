@@ -16,8 +16,8 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::StatusCode;
 use payfence_core::auth::{AuthError, Principal, Role};
 use payfence_core::domain::{
-    now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord, DecisionKind, Mode, Plan,
-    Reason, Site, Token,
+    audit_kept_since_ms, now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord,
+    DecisionKind, Mode, Plan, Reason, Site, Token,
 };
 use payfence_core::http::{
     bearer, json, request_context, simple_rate_headers, ApiError, ApiJson, ApiPath,
@@ -946,6 +946,10 @@ fn parse_filter(q: &HashMap<String, String>) -> Result<AuditFilter, ApiError> {
             return Err(ApiError::invalid("from", "must not be after to"));
         }
     }
+    // Records past their retention are gone, even where the store has not deleted
+    // them yet (DynamoDB's TTL takes up to two days, the local server purges hourly).
+    let kept_since = audit_kept_since_ms(now_ms() / 1000);
+    let from_ms = Some(from_ms.map_or(kept_since, |from| from.max(kept_since)));
     Ok(AuditFilter {
         token_id: get("token_id").map(Into::into),
         plan: get("plan").map(Into::into),

@@ -1254,7 +1254,7 @@ impl AuditStore for DynamoStore {
 
     async fn purge_expired(&self, _now_s: u64) -> Result<u64> {
         // DynamoDB's TTL deletes expired records (within about two days of
-        // `expires_at`); queries never show records past their retention anyway.
+        // `expires_at`); the dashboard never asks for records past their retention.
         Ok(0)
     }
 }
