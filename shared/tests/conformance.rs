@@ -911,47 +911,40 @@ async fn embedded_keeps_counts_and_audit_across_reopens() {
 async fn embedded_purges_expired_audit_records() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+    // At this time, records made before NOW + 1000 (a second after NOW's) are past
+    // their retention.
+    let now_s = NOW / 1000 + AUDIT_RETENTION_SECS;
     let s = site("o");
-    store
-        .append_audit(audit(&s.site_id, NOW, None, DecisionKind::Deny, "/"))
-        .await
-        .unwrap();
-    let mut old = audit(&s.site_id, NOW - 1, None, DecisionKind::Deny, "/");
-    old.expires_at = NOW / 1000 - 1;
-    store.append_audit(old).await.unwrap();
+    for ts in [NOW + 1000, NOW - 1] {
+        let r = audit(&s.site_id, ts, None, DecisionKind::Deny, "/");
+        store.append_audit(r).await.unwrap();
+    }
     // Records of decisions (written in blocks by checkpoints): two of three expired.
     let store: Arc<dyn Store> = Arc::new(store);
     let (s2, p, t) = setup(&store, 100, 100).await;
-    for i in 0..3 {
-        let mut req = count_req(&s2, &t, &p, NOW + i);
-        if i != 1 {
-            req.audit.expires_at = NOW / 1000 - 1;
-        }
-        count(&store, req).await;
+    for ts in [NOW + 998, NOW + 999, NOW + 1000] {
+        count(&store, count_req(&s2, &t, &p, ts)).await;
     }
     store
         .query_audit(&s2.site_id, &AuditFilter::default(), 1, None)
         .await
         .unwrap(); // waits for the checkpoint
-    assert_eq!(store.purge_expired(NOW / 1000).await.unwrap(), 3);
+    assert_eq!(store.purge_expired(now_s).await.unwrap(), 3);
     let left = |site_id: String| {
         let store = store.clone();
         async move {
             let all = AuditFilter::default();
-            store
+            let items = store
                 .query_audit(&site_id, &all, 10, None)
                 .await
                 .unwrap()
-                .items
+                .items;
+            items.iter().map(|r| r.ts_ms).collect::<Vec<_>>()
         }
     };
-    assert_eq!(left(s.site_id.clone()).await.len(), 1);
-    let decisions = left(s2.site_id.clone()).await;
-    assert_eq!(
-        decisions.iter().map(|r| r.ts_ms).collect::<Vec<_>>(),
-        [NOW + 1]
-    );
-    assert_eq!(store.purge_expired(NOW / 1000).await.unwrap(), 0);
+    assert_eq!(left(s.site_id.clone()).await, [NOW + 1000]);
+    assert_eq!(left(s2.site_id.clone()).await, [NOW + 1000]);
+    assert_eq!(store.purge_expired(now_s).await.unwrap(), 0);
 }
 
 #[tokio::test]

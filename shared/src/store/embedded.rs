@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use super::wal::{self, Checkpoint, Puts, Wal};
 use super::*;
+use crate::domain::audit_kept_since_ms;
 use crate::limits::{self, SecondWindow, SlidingWindow, Verdict};
 
 type Def = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -1011,46 +1012,120 @@ impl AuditStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self, now_s: u64) -> Result<u64> {
-        self.write(move |txn| {
-            let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
-            let mut purged = 0;
-            let mut changes = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (k, v) = row.map_err(unavailable)?;
-                let records = audit_records(k.value(), v.value())?;
-                let mut kept = Vec::with_capacity(records.len());
-                for &(key, json) in &records {
-                    if decode::<AuditRecord>(json)?.expires_at > now_s {
-                        kept.push((key, json));
-                    }
-                }
-                if kept.len() < records.len() {
-                    purged += (records.len() - kept.len()) as u64;
-                    let rewritten = (!kept.is_empty()).then(|| audit_block(kept));
-                    changes.push((k.value().to_owned(), rewritten));
-                }
-            }
-            for (k, v) in changes {
-                match v {
-                    Some(v) => t.insert(k.as_str(), v.as_slice()),
-                    None => t.remove(k.as_str()),
-                }
-                .map_err(unavailable)?;
-            }
-            purge_quiet_failed_attempts(txn, now_s * 1000)?;
-            Ok(purged)
-        })
-        .await
+        self.purge(now_s, PURGE_BATCH).await
     }
 }
 
-/// Drop the failed-attempt counters of clients with none in the last minute: one
-/// exists per client that ever sent a bad token (the DynamoDB store's expire by TTL).
-fn purge_quiet_failed_attempts(txn: &WriteTransaction, now_ms: u64) -> Result<()> {
+/// About the most records one purge transaction looks at (a site it skips past
+/// counts as one). The log's checkpoints run between two such transactions, so
+/// decisions never wait long behind a purge, however much there is to purge.
+const PURGE_BATCH: usize = 1024;
+
+/// One purge transaction's work from a key on: how many records it dropped, and
+/// the key to go on from, if there is more.
+type PurgeBatch = fn(&WriteTransaction, &str, u64, usize) -> Result<(u64, Option<String>)>;
+
+impl EmbeddedStore {
+    async fn purge(&self, now_s: u64, batch: usize) -> Result<u64> {
+        let steps: [(PurgeBatch, u64); 2] = [
+            (purge_audit, audit_kept_since_ms(now_s)),
+            (purge_quiet_failed_attempts, now_s * 1000),
+        ];
+        let mut purged = 0;
+        for (f, before) in steps {
+            let mut from = Some(String::new());
+            while let Some(at) = from {
+                let started = std::time::Instant::now();
+                let (n, next) = self.write(move |txn| f(txn, &at, before, batch)).await?;
+                (purged, from) = (purged + n, next);
+                // Nothing is in a hurry: leave the disk to the log as long again.
+                tokio::time::sleep(started.elapsed()).await;
+            }
+        }
+        Ok(purged)
+    }
+}
+
+/// Drop the audit records made before `kept_since` (ms): they are past their
+/// retention ([`audit_kept_since_ms`]). A record's time is in its key, and a value
+/// (a record, or a checkpoint's block) is keyed by its newest record and spans at
+/// most [`AUDIT_BLOCK_SPAN_MS`]; so each site's expired records are in the values
+/// at the start of its key range, and only those are read.
+fn purge_audit(
+    txn: &WriteTransaction,
+    from: &str,
+    kept_since: u64,
+    batch: usize,
+) -> Result<(u64, Option<String>)> {
+    let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
+    let (mut purged, mut work) = (0, 0);
+    let mut changes = Vec::new();
+    let mut at = from.to_owned();
+    let next = 'sites: loop {
+        let Some(row) = t.range(at.as_str()..).map_err(unavailable)?.next() else {
+            break None;
+        };
+        let first = row.map_err(unavailable)?.0.value().to_owned();
+        let site = first.split('/').next().unwrap_or_default().to_owned();
+        let end = format!(
+            "{site}/{:013}",
+            (kept_since + AUDIT_BLOCK_SPAN_MS).min(MAX_KEY_TS)
+        );
+        for row in t.range(first.as_str()..end.as_str()).map_err(unavailable)? {
+            let (k, v) = row.map_err(unavailable)?;
+            if work >= batch {
+                break 'sites Some(k.value().to_owned());
+            }
+            let records = audit_records(k.value(), v.value())?;
+            work += records.len();
+            let mut kept = Vec::with_capacity(records.len());
+            for &(key, json) in &records {
+                if key_ts(key)? >= kept_since {
+                    kept.push((key, json));
+                }
+            }
+            if kept.len() < records.len() {
+                purged += (records.len() - kept.len()) as u64;
+                let rewritten = (!kept.is_empty()).then(|| audit_block(kept));
+                changes.push((k.value().to_owned(), rewritten));
+            }
+        }
+        // Past every key of this site: `/` sorts below any character of an id, `:`
+        // above any digit.
+        at = format!("{site}/:");
+        work += 1;
+        if work >= batch {
+            break Some(at);
+        }
+    };
+    for (k, v) in changes {
+        match v {
+            Some(v) => t.insert(k.as_str(), v.as_slice()),
+            None => t.remove(k.as_str()),
+        }
+        .map_err(unavailable)?;
+    }
+    Ok((purged, next))
+}
+
+/// Drop the failed-attempt counters of clients with none in the minute before
+/// `now_ms`: one exists per client that ever sent a bad token (the DynamoDB store's
+/// expire by TTL). Not counted as purged records.
+fn purge_quiet_failed_attempts(
+    txn: &WriteTransaction,
+    from: &str,
+    now_ms: u64,
+    batch: usize,
+) -> Result<(u64, Option<String>)> {
     let mut t = txn.open_table(FAILED).map_err(unavailable)?;
     let mut quiet = Vec::new();
-    for row in t.iter().map_err(unavailable)? {
+    let mut next = None;
+    for (i, row) in t.range(from..).map_err(unavailable)?.enumerate() {
         let (k, v) = row.map_err(unavailable)?;
+        if i == batch {
+            next = Some(k.value().to_owned());
+            break;
+        }
         if decode::<SlidingWindow>(v.value())?.used(now_ms) == 0 {
             quiet.push(k.value().to_owned());
         }
@@ -1058,7 +1133,7 @@ fn purge_quiet_failed_attempts(txn: &WriteTransaction, now_ms: u64) -> Result<()
     for k in quiet {
         t.remove(k.as_str()).map_err(unavailable)?;
     }
-    Ok(())
+    Ok((0, next))
 }
 
 /// A record waiting to be emitted, ordered by its key.
@@ -1208,6 +1283,72 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every site's expired records go, whatever the batch size: a purge that stops
+    /// mid-site or between sites goes on where it stopped.
+    #[tokio::test]
+    async fn purging_in_batches_drops_every_expired_record_and_only_those() {
+        let now_s = 1_795_000_020 + crate::domain::AUDIT_RETENTION_SECS;
+        let edge = audit_kept_since_ms(now_s);
+        for batch in [1, 2, 3, 5, PURGE_BATCH] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
+            let key = |site: &str, ts: u64, id: u64| format!("{site}/{ts:013}/log_{id}");
+            let mut keys = Vec::new();
+            for (i, site) in ["site_a", "site_ab", "site_b", "site_c"].iter().enumerate() {
+                // Records one by one: expired, expired, kept (not for site_b).
+                for ts in [edge - 90_000, edge - 1, edge + i as u64]
+                    .into_iter()
+                    .take(2 + (i != 2) as usize)
+                {
+                    keys.push(key(site, ts, 1));
+                }
+                // A checkpoint's block straddling the edge, and one all expired.
+                keys.extend([key(site, edge - 2, 2), key(site, edge, 3)]);
+                keys.extend([key(site, edge - 5_000, 4), key(site, edge - 4_500, 5)]);
+            }
+            let (all, total) = (keys.clone(), keys.len());
+            store
+                .write(move |txn| {
+                    let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
+                    for k in &keys[..] {
+                        if k.ends_with("log_1") {
+                            t.insert(k.as_str(), b"{}".as_slice())
+                                .map_err(unavailable)?;
+                        }
+                    }
+                    let blocks = keys.iter().filter(|k| !k.ends_with("log_1"));
+                    put_audit_blocks(
+                        &mut t,
+                        7,
+                        blocks.map(|k| (k.as_str(), &b"{}"[..])).collect(),
+                    )
+                })
+                .await
+                .unwrap();
+            let purged = store.purge(now_s, batch).await.unwrap();
+            let mut left: Vec<String> = Vec::new();
+            store
+                .read_table(AUDIT, |t| {
+                    for row in t.iter().map_err(unavailable)? {
+                        let (k, v) = row.map_err(unavailable)?;
+                        for (key, _) in audit_records(k.value(), v.value())? {
+                            left.push(key.to_owned());
+                        }
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            let mut kept: Vec<String> = all
+                .into_iter()
+                .filter(|k| key_ts(k).unwrap() >= edge)
+                .collect();
+            kept.sort();
+            left.sort();
+            assert_eq!(left, kept, "batch {batch}");
+            assert_eq!(purged as usize, total - kept.len(), "batch {batch}");
+        }
+    }
 
     #[tokio::test]
     async fn retention_also_drops_quiet_failed_attempt_counters() {
