@@ -3,18 +3,13 @@
 //! write-ahead log entry), alone and 64 at a time up to their durable commit.
 //! `cargo bench -p payfence-core --bench decision`; figures in docs/performance.md.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::future::join_all;
-use payfence_core::domain::{now_ms, Mode, Plan, Site, Token};
+use payfence_core::domain::{now_ms, Mode};
 use payfence_core::gateway::{audit_path, AuthorizeRequest, Gateway, SiteView};
-use payfence_core::ids;
 use payfence_core::limits::{evaluate, PlanLimits, SecondWindow, TokenUsage};
-use payfence_core::seal::SealingKey;
-use payfence_core::store::embedded::EmbeddedStore;
-use payfence_core::store::Store;
 
 /// Tokens used in turn, so that none nears its 10,000 a minute in a bench run.
 const TOKENS: usize = 4096;
@@ -48,6 +43,8 @@ fn pure(c: &mut Criterion) {
     });
 }
 
+mod common;
+
 struct Fixture {
     gateway: Gateway,
     site: SiteView,
@@ -58,47 +55,13 @@ struct Fixture {
 /// A site, a plan and [`TOKENS`] tokens in a fresh embedded store on disk (under the
 /// target dir, so the log's syncs reach a real file system).
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("b.redb")).unwrap());
-    let key = SealingKey::from_bytes(&[7; 32]);
-    let (mut site, _) = Site::new("bench", "bench", "https://api.example.com", &key, 1);
-    site.site_requests_per_second = 1_000_000_000;
-    let site_id = site.site_id.clone();
-    store.create_site(&site).await.unwrap();
-    let plan = Plan {
-        plan_id: ids::plan_id(),
-        site_id: site_id.clone(),
-        name: "pro".into(),
-        requests_per_minute: LIMITS.requests_per_minute,
-        monthly_quota: LIMITS.monthly_quota,
-        created_at: 1,
-        updated_at: 1,
-        revision: 0,
-    };
-    store.create_plan(&plan).await.unwrap();
-    let mut tokens = Vec::with_capacity(TOKENS);
-    for _ in 0..TOKENS {
-        let secret = ids::consumer_token();
-        let token = Token {
-            token_id: ids::token_id(),
-            site_id: site_id.clone(),
-            plan_id: plan.plan_id.clone(),
-            token_hash: ids::hash_secret(&secret),
-            label: None,
-            consumer: None,
-            created_at: 1,
-            revoked_at: None,
-        };
-        store.create_token(&token).await.unwrap();
-        tokens.push(secret);
-    }
-    let site = SiteView::open(site, &key).unwrap();
-    let gateway = Gateway::new(store, key, Duration::from_secs(60));
+    let f = common::fixture(env!("CARGO_TARGET_TMPDIR"), LIMITS, TOKENS).await;
+    let site = SiteView::open(f.site, &f.key).unwrap();
     Fixture {
-        gateway,
+        gateway: Gateway::new(f.store, f.key, Duration::from_secs(60)),
         site,
-        tokens,
-        _dir: dir,
+        tokens: f.tokens.into_iter().map(|(secret, _)| secret).collect(),
+        _dir: f._dir,
     }
 }
 

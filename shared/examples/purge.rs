@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use payfence_core::domain::{
-    audit_expires_at, now_ms, rfc3339_ms, AuditRecord, DecisionKind, Mode, Plan, Site, Token,
+    audit_expires_at, now_ms, rfc3339_ms, AuditRecord, DecisionKind, Mode,
 };
 use payfence_core::ids;
 use payfence_core::limits::PlanLimits;
-use payfence_core::seal::SealingKey;
-use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::{CountRequest, Store};
+
+#[path = "../benches/common/mod.rs"]
+mod common;
 
 const TOKENS: usize = 1024;
 const LIMITS: PlanLimits = PlanLimits {
@@ -89,41 +90,12 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000_000);
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("p.redb")).unwrap());
-    let key = SealingKey::from_bytes(&[7; 32]);
-    let (site, _) = Site::new("bench", "bench", "https://api.example.com", &key, 1);
-    store.create_site(&site).await.unwrap();
-    let plan = Plan {
-        plan_id: ids::plan_id(),
-        site_id: site.site_id.clone(),
-        name: "pro".into(),
-        requests_per_minute: LIMITS.requests_per_minute,
-        monthly_quota: LIMITS.monthly_quota,
-        created_at: 1,
-        updated_at: 1,
-        revision: 0,
-    };
-    store.create_plan(&plan).await.unwrap();
-    let mut tokens = Vec::with_capacity(TOKENS);
-    for _ in 0..TOKENS {
-        let token = Token {
-            token_id: ids::token_id(),
-            site_id: site.site_id.clone(),
-            plan_id: plan.plan_id.clone(),
-            token_hash: ids::hash_secret(&ids::consumer_token()),
-            label: None,
-            consumer: None,
-            created_at: 1,
-            revoked_at: None,
-        };
-        store.create_token(&token).await.unwrap();
-        tokens.push(token.token_id);
-    }
+    let tmp = std::env::temp_dir();
+    let fixture = common::fixture(tmp.to_str().unwrap(), LIMITS, TOKENS).await;
     let f = Fixture {
-        store,
-        site_id: site.site_id,
-        tokens,
+        store: fixture.store,
+        site_id: fixture.site.site_id,
+        tokens: fixture.tokens.into_iter().map(|(_, id)| id).collect(),
     };
 
     // 91 days ago, 16 decisions a millisecond: 16,000 a second.
