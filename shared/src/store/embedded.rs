@@ -947,6 +947,29 @@ impl AuditStore for EmbeddedStore {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<AuditRecord>> {
+        self.query_audit_reading(site_id, filter, limit, cursor, AUDIT_READ_BUDGET)
+            .await
+    }
+
+    async fn purge_expired(&self, now_s: u64) -> Result<u64> {
+        self.purge(now_s, PURGE_BATCH).await
+    }
+}
+
+/// About the most records one logs query reads (~0.1 s). A filter that few records
+/// match would otherwise read the whole 90 days for one page; past this the page
+/// ends early, with fewer items and a cursor to go on from.
+const AUDIT_READ_BUDGET: usize = 100_000;
+
+impl EmbeddedStore {
+    async fn query_audit_reading(
+        &self,
+        site_id: &str,
+        filter: &AuditFilter,
+        limit: usize,
+        cursor: Option<&str>,
+        budget: usize,
+    ) -> Result<Page<AuditRecord>> {
         self.shared.wal.sync().await?;
         // Records with keys in lo..hi, newest (greatest key) first.
         let lo = format!(
@@ -983,6 +1006,7 @@ impl AuditStore for EmbeddedStore {
         };
         self.read_table(AUDIT, |t| {
             let mut page = AuditPage::new(limit);
+            let mut read = 0;
             if lo >= values_hi {
                 return Ok(page.finish());
             }
@@ -993,13 +1017,24 @@ impl AuditStore for EmbeddedStore {
             {
                 let (k, v) = row.map_err(unavailable)?;
                 // Values still unread hold records no newer than this one's newest.
-                if page.emit(Some(key_ts(k.value())?)) {
+                let newest = key_ts(k.value())?;
+                if page.emit(Some(newest)) {
                     return Ok(page.finish());
+                }
+                if read >= budget {
+                    // Every match newer than `newest` is on the page: go on below it,
+                    // once that is below where this page started (values keyed
+                    // above it can still hold older records).
+                    let below = format!("{site_id}/{:013}", newest + 1);
+                    if below < hi {
+                        return Ok(page.finish_before(below));
+                    }
                 }
                 for (key, json) in audit_records(k.value(), v.value())? {
                     if key < lo.as_str() || key >= hi.as_str() {
                         continue;
                     }
+                    read += 1;
                     let r: AuditRecord = decode(json)?;
                     if filter.matches(&r) {
                         page.pending.push(Pending(key.to_owned(), r));
@@ -1009,10 +1044,6 @@ impl AuditStore for EmbeddedStore {
             page.emit(None);
             Ok(page.finish())
         })
-    }
-
-    async fn purge_expired(&self, now_s: u64) -> Result<u64> {
-        self.purge(now_s, PURGE_BATCH).await
     }
 }
 
@@ -1203,6 +1234,14 @@ impl AuditPage {
         false
     }
 
+    /// The page, ended early: the next one starts below the key `below`.
+    fn finish_before(self, below: String) -> Page<AuditRecord> {
+        Page {
+            items: self.items,
+            next_cursor: Some(URL_SAFE_NO_PAD.encode(below)),
+        }
+    }
+
     fn finish(self) -> Page<AuditRecord> {
         Page {
             items: self.items,
@@ -1283,6 +1322,94 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A logs query that reads only `budget` records a call still returns every
+    /// match once, newest first, over more pages (some of them empty).
+    #[tokio::test]
+    async fn a_query_past_its_read_budget_goes_on_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
+        let t0 = 1_795_000_020_000;
+        let record = |ts_ms: u64, path: &str| AuditRecord {
+            id: crate::ids::log_id(ts_ms * 1000),
+            timestamp: String::new(),
+            ts_ms,
+            site_id: "site_a".into(),
+            token_id: None,
+            plan: None,
+            method: "GET".into(),
+            path: path.into(),
+            decision: DecisionKind::Deny,
+            reason: Some(Reason::InvalidToken),
+            remaining: None,
+            latency_ms: 0.0,
+            mode: crate::domain::Mode::Proxy,
+            expires_at: u64::MAX,
+        };
+        // Single records, every seventh a match, and two checkpoint blocks whose
+        // times interleave with them and with each other.
+        let singles: Vec<AuditRecord> = (0..60)
+            .map(|i| record(t0 + i * 10, if i % 7 == 0 { "/match" } else { "/other" }))
+            .collect();
+        let blocks: Vec<(String, Vec<u8>)> = (0..30)
+            .map(|i| {
+                record(
+                    t0 + 5 + i * 20,
+                    if i % 4 == 0 { "/match" } else { "/other" },
+                )
+            })
+            .map(|r| (audit_key(&r), encode(&r)))
+            .collect();
+        let all: Vec<AuditRecord> = singles.clone();
+        store
+            .write(move |txn| {
+                for r in &singles {
+                    put_audit(txn, r)?;
+                }
+                let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
+                for (gen, half) in blocks.chunks(15).enumerate() {
+                    let records = half.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                    put_audit_blocks(&mut t, gen as u64, records.collect())?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let matches = AuditFilter {
+            path_prefix: Some("/match".into()),
+            ..Default::default()
+        };
+        let everything = store
+            .query_audit("site_a", &matches, 1000, None)
+            .await
+            .unwrap();
+        assert!(everything.next_cursor.is_none());
+        let expected: Vec<u64> = everything.items.iter().map(|r| r.ts_ms).collect();
+        assert_eq!(expected.len(), 9 + 8);
+        assert!(expected.windows(2).all(|w| w[0] > w[1]));
+        assert!(all
+            .iter()
+            .filter(|r| r.path == "/match")
+            .all(|r| expected.contains(&r.ts_ms)));
+        for budget in [1, 3, 10] {
+            let (mut seen, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+            loop {
+                let page = store
+                    .query_audit_reading("site_a", &matches, 2, cursor.as_deref(), budget)
+                    .await
+                    .unwrap();
+                assert!(page.items.len() <= 2);
+                seen.extend(page.items.iter().map(|r| r.ts_ms));
+                pages += 1;
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, expected, "budget {budget}");
+            assert!(pages > expected.len() / 2, "budget {budget}: {pages} pages");
+        }
+    }
 
     /// Every site's expired records go, whatever the batch size: a purge that stops
     /// mid-site or between sites goes on where it stopped.
