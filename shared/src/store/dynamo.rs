@@ -1170,6 +1170,31 @@ impl AuditStore for DynamoStore {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<AuditRecord>> {
+        self.query_audit_reading(site_id, filter, limit, cursor, AUDIT_READ_PER_SHARD)
+            .await
+    }
+
+    async fn purge_expired(&self, _now_s: u64) -> Result<u64> {
+        // DynamoDB's TTL deletes expired records (within about two days of
+        // `expires_at`); the dashboard never asks for records past their retention.
+        Ok(0)
+    }
+}
+
+/// About the most records one logs query reads from each shard. A filter that few
+/// records match would otherwise read a site's whole 90 days for one page; past
+/// this the page ends early, with fewer items and a cursor to go on from.
+const AUDIT_READ_PER_SHARD: usize = 2_500;
+
+impl DynamoStore {
+    async fn query_audit_reading(
+        &self,
+        site_id: &str,
+        filter: &AuditFilter,
+        limit: usize,
+        cursor: Option<&str>,
+        read_per_shard: usize,
+    ) -> Result<Page<AuditRecord>> {
         // This process's own records first reach the table.
         self.pending.wait().await;
         let before = match cursor {
@@ -1202,11 +1227,17 @@ impl AuditStore for DynamoStore {
             });
         }
         // Newest first from each shard, `limit + 1` matches at most, then merge.
+        // Every record at or above `floor` has been read in every shard: a shard
+        // that stopped with more to read raises it to the lowest key it read.
         let mut all: Vec<(String, AuditRecord)> = Vec::new();
+        let mut floor = String::new();
         for shard in 0..AUDIT_SHARDS {
-            let mut start = None;
-            let mut matched = 0;
+            let (mut start, mut matched, mut read) = (None, 0, 0);
+            let mut lowest = None;
             loop {
+                // The first page fits a page of answers; later ones (a filter
+                // dropped records) read more at a time.
+                let page_size = if start.is_none() { limit + 1 } else { 1000 };
                 let page = self
                     .client
                     .query()
@@ -1216,7 +1247,7 @@ impl AuditStore for DynamoStore {
                     .expression_attribute_values(":lo", s(&low))
                     .expression_attribute_values(":hi", s(&upper))
                     .scan_index_forward(false)
-                    .limit(((limit + 1) as i32).clamp(1, 1000))
+                    .limit((page_size as i32).clamp(2, 1000))
                     .set_exclusive_start_key(start.take())
                     .send()
                     .await
@@ -1226,23 +1257,36 @@ impl AuditStore for DynamoStore {
                     if sk >= upper {
                         continue; // BETWEEN is inclusive; the cursor is exclusive
                     }
+                    read += 1;
                     let r: AuditRecord = data(&item)?;
                     if filter.matches(&r) {
-                        all.push((sk, r));
+                        all.push((sk.clone(), r));
                         matched += 1;
                     }
+                    lowest = Some(sk);
                 }
                 match page.last_evaluated_key {
-                    Some(k) if !k.is_empty() && matched <= limit => start = Some(k),
+                    Some(k) if !k.is_empty() => {
+                        if matched <= limit && read < read_per_shard {
+                            start = Some(k);
+                            continue;
+                        }
+                        if let Some(l) = lowest.take() {
+                            floor = floor.max(l);
+                        }
+                        break;
+                    }
                     _ => break,
                 }
             }
         }
+        all.retain(|(sk, _)| *sk >= floor);
         all.sort_by(|a, b| b.0.cmp(&a.0));
-        let more = all.len() > limit;
-        all.truncate(limit);
-        let next_cursor = if more {
+        let next_cursor = if all.len() > limit {
+            all.truncate(limit);
             all.last().map(|(sk, _)| URL_SAFE_NO_PAD.encode(sk))
+        } else if !floor.is_empty() {
+            Some(URL_SAFE_NO_PAD.encode(&floor))
         } else {
             None
         };
@@ -1250,12 +1294,6 @@ impl AuditStore for DynamoStore {
             items: all.into_iter().map(|(_, r)| r).collect(),
             next_cursor,
         })
-    }
-
-    async fn purge_expired(&self, _now_s: u64) -> Result<u64> {
-        // DynamoDB's TTL deletes expired records (within about two days of
-        // `expires_at`); the dashboard never asks for records past their retention.
-        Ok(0)
     }
 }
 
@@ -1344,5 +1382,87 @@ impl Store for DynamoStore {
 
     async fn settle(&self) {
         self.pending.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Mode;
+
+    /// A logs query that reads only a few records a shard still returns every match
+    /// once, newest first, over more pages (some of them empty). Needs the test
+    /// server (`scripts/test.sh`).
+    #[tokio::test]
+    async fn a_query_past_its_read_budget_goes_on_where_it_stopped() {
+        let Some(endpoint) = std::env::var("PAYFENCE_TEST_DYNAMODB")
+            .ok()
+            .filter(|e| !e.is_empty())
+        else {
+            assert!(std::env::var_os("CI").is_none(), "run scripts/test.sh");
+            eprintln!("SKIPPED: no DynamoDB test server (run scripts/test.sh)");
+            return;
+        };
+        let table = format!("budget-{}", hex::encode(crate::ids::random_bytes::<6>()));
+        let store = DynamoStore::connect(&table, Some(&endpoint)).await;
+        store.ensure_table().await.unwrap();
+        let t0 = 1_795_000_020_000;
+        for i in 0..80u64 {
+            let ts_ms = t0 + i * 10;
+            let r = AuditRecord {
+                id: crate::ids::log_id(ts_ms * 1000),
+                timestamp: String::new(),
+                ts_ms,
+                site_id: "site_a".into(),
+                token_id: None,
+                plan: None,
+                method: "GET".into(),
+                path: if i % 7 == 0 { "/match" } else { "/other" }.into(),
+                decision: DecisionKind::Deny,
+                reason: Some(Reason::InvalidToken),
+                remaining: None,
+                latency_ms: 0.0,
+                mode: Mode::Proxy,
+                expires_at: u64::MAX,
+            };
+            store.append_audit(r).await.unwrap();
+        }
+        let matches = AuditFilter {
+            path_prefix: Some("/match".into()),
+            ..Default::default()
+        };
+        let expected: Vec<u64> = (0..80)
+            .rev()
+            .filter(|i| i % 7 == 0)
+            .map(|i| t0 + i * 10)
+            .collect();
+        let everything = store
+            .query_audit("site_a", &matches, 1000, None)
+            .await
+            .unwrap();
+        assert!(everything.next_cursor.is_none());
+        let ts: Vec<u64> = everything.items.iter().map(|r| r.ts_ms).collect();
+        assert_eq!(ts, expected);
+        for (budget, limit) in [(1, 2), (2, 1), (3, 5)] {
+            let (mut seen, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+            loop {
+                let page = store
+                    .query_audit_reading("site_a", &matches, limit, cursor.as_deref(), budget)
+                    .await
+                    .unwrap();
+                assert!(page.items.len() <= limit);
+                seen.extend(page.items.iter().map(|r| r.ts_ms));
+                pages += 1;
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, expected, "budget {budget}, limit {limit}");
+            assert!(
+                pages > expected.len() / limit,
+                "budget {budget}: {pages} pages"
+            );
+        }
     }
 }
