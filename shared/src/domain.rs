@@ -191,6 +191,27 @@ pub struct AuditRecord {
     pub expires_at: u64,
 }
 
+/// A record of a denied proxy request at `ts_ms`, for tests.
+#[cfg(test)]
+pub(crate) fn test_record(site_id: &str, ts_ms: u64, path: &str) -> AuditRecord {
+    AuditRecord {
+        id: crate::ids::log_id(ts_ms * 1000),
+        timestamp: rfc3339_ms(ts_ms),
+        ts_ms,
+        site_id: site_id.into(),
+        token_id: None,
+        plan: None,
+        method: "GET".into(),
+        path: path.into(),
+        decision: DecisionKind::Deny,
+        reason: Some(Reason::InvalidToken),
+        remaining: None,
+        latency_ms: 0.0,
+        mode: Mode::Proxy,
+        expires_at: audit_expires_at(ts_ms),
+    }
+}
+
 /// How long an audit record is kept.
 pub const AUDIT_RETENTION_SECS: u64 = 90 * 86_400;
 

@@ -1388,7 +1388,6 @@ impl Store for DynamoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Mode;
 
     /// A logs query that reads only a few records a shard still returns every match
     /// once, newest first, over more pages (some of them empty). Needs the test
@@ -1409,22 +1408,8 @@ mod tests {
         let t0 = 1_795_000_020_000;
         for i in 0..80u64 {
             let ts_ms = t0 + i * 10;
-            let r = AuditRecord {
-                id: crate::ids::log_id(ts_ms * 1000),
-                timestamp: String::new(),
-                ts_ms,
-                site_id: "site_a".into(),
-                token_id: None,
-                plan: None,
-                method: "GET".into(),
-                path: if i % 7 == 0 { "/match" } else { "/other" }.into(),
-                decision: DecisionKind::Deny,
-                reason: Some(Reason::InvalidToken),
-                remaining: None,
-                latency_ms: 0.0,
-                mode: Mode::Proxy,
-                expires_at: u64::MAX,
-            };
+            let path = if i % 7 == 0 { "/match" } else { "/other" };
+            let r = crate::domain::test_record("site_a", ts_ms, path);
             store.append_audit(r).await.unwrap();
         }
         let matches = AuditFilter {
@@ -1444,20 +1429,14 @@ mod tests {
         let ts: Vec<u64> = everything.items.iter().map(|r| r.ts_ms).collect();
         assert_eq!(ts, expected);
         for (budget, limit) in [(1, 2), (2, 1), (3, 5)] {
-            let (mut seen, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
-            loop {
-                let page = store
-                    .query_audit_reading("site_a", &matches, limit, cursor.as_deref(), budget)
+            let (store, matches) = (&store, &matches);
+            let (seen, pages) = all_pages(limit, |cursor| async move {
+                let cursor = cursor.as_deref();
+                store
+                    .query_audit_reading("site_a", matches, limit, cursor, budget)
                     .await
-                    .unwrap();
-                assert!(page.items.len() <= limit);
-                seen.extend(page.items.iter().map(|r| r.ts_ms));
-                pages += 1;
-                match page.next_cursor {
-                    Some(c) => cursor = Some(c),
-                    None => break,
-                }
-            }
+            })
+            .await;
             assert_eq!(seen, expected, "budget {budget}, limit {limit}");
             assert!(
                 pages > expected.len() / limit,

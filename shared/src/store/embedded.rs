@@ -1330,22 +1330,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
         let t0 = 1_795_000_020_000;
-        let record = |ts_ms: u64, path: &str| AuditRecord {
-            id: crate::ids::log_id(ts_ms * 1000),
-            timestamp: String::new(),
-            ts_ms,
-            site_id: "site_a".into(),
-            token_id: None,
-            plan: None,
-            method: "GET".into(),
-            path: path.into(),
-            decision: DecisionKind::Deny,
-            reason: Some(Reason::InvalidToken),
-            remaining: None,
-            latency_ms: 0.0,
-            mode: crate::domain::Mode::Proxy,
-            expires_at: u64::MAX,
-        };
+        let record = |ts_ms, path| crate::domain::test_record("site_a", ts_ms, path);
         // Single records, every seventh a match, and two checkpoint blocks whose
         // times interleave with them and with each other.
         let singles: Vec<AuditRecord> = (0..60)
@@ -1392,20 +1377,14 @@ mod tests {
             .filter(|r| r.path == "/match")
             .all(|r| expected.contains(&r.ts_ms)));
         for budget in [1, 3, 10] {
-            let (mut seen, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
-            loop {
-                let page = store
-                    .query_audit_reading("site_a", &matches, 2, cursor.as_deref(), budget)
+            let (store, matches) = (&store, &matches);
+            let (seen, pages) = all_pages(2, |cursor| async move {
+                let cursor = cursor.as_deref();
+                store
+                    .query_audit_reading("site_a", matches, 2, cursor, budget)
                     .await
-                    .unwrap();
-                assert!(page.items.len() <= 2);
-                seen.extend(page.items.iter().map(|r| r.ts_ms));
-                pages += 1;
-                match page.next_cursor {
-                    Some(c) => cursor = Some(c),
-                    None => break,
-                }
-            }
+            })
+            .await;
             assert_eq!(seen, expected, "budget {budget}");
             assert!(pages > expected.len() / 2, "budget {budget}: {pages} pages");
         }
@@ -1482,22 +1461,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
         let now_ms = 1_795_000_020_000;
-        let audit = |ts_ms| AuditRecord {
-            id: crate::ids::log_id(ts_ms * 1000),
-            timestamp: String::new(),
-            ts_ms,
-            site_id: "site_a".into(),
-            token_id: None,
-            plan: None,
-            method: "GET".into(),
-            path: "/".into(),
-            decision: DecisionKind::Deny,
-            reason: Some(Reason::InvalidToken),
-            remaining: None,
-            latency_ms: 0.0,
-            mode: crate::domain::Mode::Proxy,
-            expires_at: u64::MAX,
-        };
+        let audit = |ts_ms| crate::domain::test_record("site_a", ts_ms, "/");
         for (client, ts_ms) in [("old", now_ms - 130_000), ("recent", now_ms - 30_000)] {
             store
                 .record_failed_attempt("site_a", Some(client), audit(ts_ms))

@@ -280,3 +280,24 @@ pub trait Store:
     /// events and may end it without warning.
     async fn settle(&self) {}
 }
+
+/// Every page of a logs query, from the first until `next_cursor` is `None`: the
+/// `ts_ms` of each record in order, and how many pages it took. For tests.
+#[cfg(test)]
+pub(crate) async fn all_pages<F, Fut>(limit: usize, mut page: F) -> (Vec<u64>, usize)
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<Page<AuditRecord>>>,
+{
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = page(cursor).await.unwrap();
+        assert!(page.items.len() <= limit);
+        seen.extend(page.items.iter().map(|r| r.ts_ms));
+        pages += 1;
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return (seen, pages),
+        }
+    }
+}
