@@ -100,6 +100,17 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         .await
         .unwrap();
     assert_eq!(res.status(), 401);
+    // A key sent twice is refused, even two copies of a valid one.
+    let res = app
+        .http
+        .post(app.url("/v1/authorize"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("authorization", format!("Bearer {key}"))
+        .json(&json!({"token": s.token, "method": "GET", "path": "/"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
 
     let raw = |body: &'static str| {
         app.http

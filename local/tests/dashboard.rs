@@ -41,6 +41,17 @@ async fn jwts_are_fully_checked() {
     let other = payfence_local::Issuer::load_or_create(other_dir.path()).unwrap();
     let forged = other.token("alice", Role::Admin, std::time::Duration::from_secs(60));
     assert_eq!(app.get(&forged, "/api/sites").await.status(), 401);
+    // A JWT sent twice is refused, even two copies of a valid one.
+    let valid = claims(json!({}));
+    let res = app
+        .http
+        .get(app.url("/api/sites"))
+        .header("authorization", format!("Bearer {valid}"))
+        .header("authorization", format!("Bearer {valid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
     // Authenticated but in no PayFence group.
     assert_eq!(
         app.get(&claims(json!({"cognito:groups": ["staff"]})), "/api/sites")

@@ -101,6 +101,18 @@ async fn token_header_lets_consumer_authorization_through() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert!(s.origin.last().headers.get("authorization").is_none());
+    // However many times it is repeated, beside the consumer's own.
+    let res = app
+        .http
+        .get(app.url(&format!("/p/{}/me", s.site_id)))
+        .header("x-payfence-token", &s.token)
+        .header("authorization", "Basic dXNlcjpwdw==")
+        .header("authorization", format!("Bearer {}", s.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(s.origin.last().headers.get("authorization").is_none());
     // The site root is reachable too.
     let res = app.proxy_get(&s.site_id, "", &s.token).await;
     assert_eq!(res.status(), 200);
@@ -225,6 +237,39 @@ async fn denials_have_the_right_status_reason_and_headers() {
             .unwrap();
         assert_eq!(res.status(), 401, "{name}");
         assert_eq!(problem(res).await["reason"], "invalid_token", "{name}");
+    }
+
+    // A token sent twice is refused, even as two copies of a valid one: a request is
+    // never judged on whichever copy came first.
+    let other = app.setup(10, 100_000).await;
+    for (name, first, second) in [
+        (
+            "authorization",
+            format!("Bearer {}", s.token),
+            format!("Bearer {}", s.token),
+        ),
+        (
+            "authorization",
+            format!("Bearer {}", s.token),
+            format!("Bearer {}", other.token),
+        ),
+        ("x-payfence-token", s.token.clone(), s.token.clone()),
+        ("x-payfence-token", s.token.clone(), other.token.clone()),
+    ] {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.append(name, first.parse().unwrap());
+        headers.append(name, second.parse().unwrap());
+        let res = app
+            .http
+            .get(app.url(&format!("/p/{}/x", s.site_id)))
+            .headers(headers)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{name}");
+        let p = problem(res).await;
+        assert_eq!(p["reason"], "invalid_token", "{name}");
+        assert!(!p.to_string().contains(&s.token), "never echoed");
     }
 
     // Unknown site: 404.

@@ -466,15 +466,38 @@ pub fn client_ip(req: &Request) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
-/// `Authorization: Bearer <x>` value, if any. A credential that is not ASCII is
-/// decoded lossily rather than dropped, so it is judged invalid, not missing.
+/// A credential header's value, decoded lossily: a credential that is not ASCII is
+/// judged invalid, not missing. A header sent more than once comes joined as an HTTP
+/// list (`a, b`, as API Gateway presents it), which is no valid credential: a request
+/// is never judged on whichever copy came first.
+pub fn credential<'a>(headers: &'a HeaderMap, name: &str) -> Option<Cow<'a, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(String::from_utf8_lossy(first.as_bytes()));
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in std::iter::once(second).chain(values) {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    Some(Cow::Owned(String::from_utf8_lossy(&joined).into_owned()))
+}
+
+/// `Authorization: Bearer <x>` value, if any (see [`credential`]).
 pub fn bearer(headers: &HeaderMap) -> Option<Cow<'_, str>> {
-    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let space = v.iter().position(|&b| b == b' ')?;
-    let (scheme, rest) = v.split_at(space);
+    match credential(headers, http::header::AUTHORIZATION.as_str())? {
+        Cow::Borrowed(v) => bearer_token(v).map(Cow::Borrowed),
+        Cow::Owned(v) => bearer_token(&v).map(|t| Cow::Owned(t.to_owned())),
+    }
+}
+
+/// The token of one `Authorization` value, if its scheme is `Bearer`.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
     scheme
-        .eq_ignore_ascii_case(b"bearer")
-        .then(|| String::from_utf8_lossy(rest.trim_ascii()))
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_ascii())
 }
 
 /// A JSON body (Content-Type: application/json) whose rejections are problem+json.

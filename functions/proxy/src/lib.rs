@@ -18,8 +18,8 @@ use http::{HeaderMap, StatusCode, Uri};
 use payfence_core::domain::{elapsed_ms, now_ms, Mode, Reason};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
-    bearer, client_ip, decision_headers, problem, request_context, ApiError, LogFields, RequestId,
-    REQUEST_ID_HEADER,
+    bearer, bearer_token, client_ip, credential, decision_headers, problem, request_context,
+    ApiError, LogFields, RequestId, REQUEST_ID_HEADER,
 };
 use payfence_core::origin::{origin_client, OriginClient};
 use payfence_core::{ids, AppState};
@@ -238,16 +238,16 @@ async fn handle(
         None => rest.to_owned(),
     };
 
-    // A token that is not ASCII is decoded lossily, to be judged invalid, not missing.
-    let token_header = req.headers().get(TOKEN_HEADER);
+    let token_header = credential(req.headers(), TOKEN_HEADER);
     let via_header = token_header.is_some();
-    let token = match token_header {
-        Some(v) => Some(String::from_utf8_lossy(v.as_bytes())),
-        None => bearer(req.headers()),
-    };
+    let token = token_header.or_else(|| bearer(req.headers()));
     // The consumer's own `Authorization` reaches the origin, unless it repeats the token.
-    let drop_authorization =
-        !via_header || bearer(req.headers()).is_some_and(|b| Some(&*b) == token.as_deref());
+    let drop_authorization = !via_header
+        || req
+            .headers()
+            .get_all(AUTHORIZATION)
+            .iter()
+            .any(|v| bearer_token(&String::from_utf8_lossy(v.as_bytes())) == token.as_deref());
     let ip = client_ip(&req);
     let authorized = st
         .app
