@@ -464,6 +464,17 @@ async fn bad_input_on_the_wire_gets_a_clear_4xx_and_never_a_crash() {
     assert_eq!(status(&res), "400");
     let res = raw_request(b, b"GARBAGE\r\n\r\n").await;
     assert_eq!(status(&res), "400");
+    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host (HTTP/1.0 may omit it).
+    for head in [
+        "GET /api/health HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /api/health HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw_request(b, head.as_bytes()).await;
+        assert_eq!(status(&res), "400", "{head:?}: {res}");
+        assert!(res.contains("exactly one Host header"), "{res}");
+    }
+    let res = raw_request(b, b"GET /api/health HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status(&res), "200", "{res}");
     // Past the HTTP server's own limits: more than 100 header fields, a request
     // target over 64 KiB. It answers these itself, with an empty body.
     let fields: String = (0..150).map(|i| format!("X-F{i}: v\r\n")).collect();

@@ -258,6 +258,9 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
             "requests must come through the gateway's public address",
             None,
         )
+    } else if !one_host(&req) {
+        ApiError::BadRequest("an HTTP/1.1 request must carry exactly one Host header".into())
+            .into_response()
     } else if header_bytes > MAX_HEADER_BYTES {
         problem(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -328,6 +331,15 @@ fn edge_secret() -> Option<&'static str> {
     static EDGE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     EDGE.get_or_init(|| crate::config::env_var("PAYFENCE_EDGE_SECRET"))
         .as_deref()
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request with no `Host` or more than one is a `400`.
+/// Checked where PayFence read the request off its own connection (the local server);
+/// on AWS, CloudFront and API Gateway read it first.
+fn one_host(req: &Request) -> bool {
+    req.version() != http::Version::HTTP_11
+        || req.extensions().get::<ConnectInfo<SocketAddr>>().is_none()
+        || req.headers().get_all(http::header::HOST).iter().count() == 1
 }
 
 /// Did this request come through CloudFront (or is no edge configured)?
