@@ -354,6 +354,21 @@ impl Wal {
         self.applied.seq.load(Ordering::Acquire)
     }
 
+    /// Refuse entries from now on (fail closed), and say so once. The entries already
+    /// acknowledged are on disk, in the log; the database is replayed from it at start.
+    fn fail(&self, why: String) {
+        let mut q = self.queue.lock().unwrap();
+        if q.failed.is_none() {
+            tracing::error!(
+                error = %why,
+                "the store failed: refusing decisions until PayFence is restarted; \
+                 fix the cause (e.g. free disk space), then restart: every acknowledged \
+                 decision is in the write-ahead log and is replayed at start"
+            );
+            q.failed = Some(why);
+        }
+    }
+
     /// Why the log refuses entries, if it does.
     pub fn failure(&self) -> Option<String> {
         self.queue.lock().unwrap().failed.clone()
@@ -447,7 +462,7 @@ impl Writer {
                     .and_then(|()| file.sync_data());
                 if let Err(e) = written {
                     self.unapplied.truncate(kept);
-                    self.fail(format!("writing the log failed: {e}"));
+                    self.wal.fail(format!("writing the log failed: {e}"));
                     for ack in acks.into_iter().chain(syncs) {
                         let _ = ack.send(Err(StoreError::Unavailable(e.to_string())));
                     }
@@ -470,11 +485,6 @@ impl Writer {
         }
     }
 
-    fn fail(&self, why: String) {
-        tracing::error!(error = %why, "write-ahead log failed: refusing decisions");
-        self.wal.queue.lock().unwrap().failed.get_or_insert(why);
-    }
-
     /// Move appends to the next generation and have the writer apply this one.
     fn checkpoint(&mut self, syncs: Vec<Ack>) {
         self.last_checkpoint = Instant::now();
@@ -490,7 +500,7 @@ impl Writer {
         };
         if let Err(e) = waited {
             // Nothing more can be applied: refuse entries rather than lose them.
-            self.fail(format!("checkpoint failed: {e}"));
+            self.wal.fail(format!("checkpoint failed: {e}"));
             for ack in syncs {
                 let _ = ack.send(Err(StoreError::Unavailable(e.clone())));
             }
@@ -509,13 +519,8 @@ impl Writer {
                         applied.seq.store(seq, Ordering::Release);
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, gen, "checkpoint failed: refusing decisions");
                         *applied.gen.lock().unwrap() = Err(e.to_string());
-                        wal.queue
-                            .lock()
-                            .unwrap()
-                            .failed
-                            .get_or_insert(e.to_string());
+                        wal.fail(format!("applying generation {gen} failed: {e}"));
                     }
                 }
                 applied.changed.notify_all();
@@ -531,7 +536,7 @@ impl Writer {
         self.offset = 0;
         if let Err(e) = (self.checkpointer)(checkpoint) {
             // The database is gone: nothing more can be applied, so stop taking entries.
-            self.fail(format!("checkpoint: {e}"));
+            self.wal.fail(format!("checkpoint: {e}"));
         }
     }
 }
