@@ -25,6 +25,10 @@ async fn allowed_request_reaches_origin_signed_and_intact() {
         .header("x-payfence-signature", "sha256=forged")
         .header("x-payfence-token-id", "tok_forged")
         .header("x-forwarded-for", "203.0.113.9")
+        .header("forwarded", "for=203.0.113.9;proto=https")
+        .header("x-real-ip", "203.0.113.9")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-proto", "https")
         .header("x-respond-with", "hello back")
         .body(body.clone())
         .send()
@@ -64,6 +68,14 @@ async fn allowed_request_reaches_origin_signed_and_intact() {
         Some("127.0.0.1"),
         "the address PayFence saw, not the one the client claimed"
     );
+    for claimed in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    ] {
+        assert_eq!(h(claimed), None, "{claimed}: a client's claim stays behind");
+    }
     let ts: u64 = h("x-payfence-timestamp").unwrap().parse().unwrap();
     assert_eq!(
         h("x-payfence-signature").unwrap(),

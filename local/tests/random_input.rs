@@ -443,6 +443,9 @@ async fn random_headers_reach_the_origin_stripped_of_hop_by_hop_and_token() {
         ("X-PayFence-Plan", "gold"),
         ("X-PayFence-Anything", "forged"),
         ("X-Forwarded-For", "203.0.113.9"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("X-Forwarded-Proto", "https"),
     ];
     const VALUES: &[&str] = &[
         "plain",
@@ -531,7 +534,14 @@ async fn random_headers_reach_the_origin_stripped_of_hop_by_hop_and_token() {
         }
         assert!(got("connection").is_empty(), "{what}");
         assert!(got("x-payfence-token").is_empty(), "{what}");
-        assert!(got("x-payfence-anything").is_empty(), "{what}");
+        for name in [
+            "x-payfence-anything",
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-proto",
+        ] {
+            assert!(got(name).is_empty(), "{name}: {what}");
+        }
         let authorization = via_token_header.then(|| b"Basic b3JpZ2luOmNyZWRz".to_vec());
         assert_eq!(
             got("authorization"),

@@ -138,6 +138,17 @@ fn has_dot_segment(path: &str) -> bool {
     }
 }
 
+/// A header a client could send to pass for PayFence's word to the origin: the
+/// `X-PayFence-*` family (the token header too), and the forwarding headers an origin
+/// behind a proxy it trusts believes (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`).
+/// PayFence sets `X-Forwarded-For` itself.
+fn spoofable(name: &str) -> bool {
+    name.starts_with("x-payfence-")
+        || name.starts_with("x-forwarded-")
+        || name == "forwarded"
+        || name == "x-real-ip"
+}
+
 /// A transfer coding other than `chunked` (which the server has already removed)?
 /// Forwarding such a body would hand the origin, say, gzip-compressed bytes labelled
 /// as the plain body; RFC 9112 §6.1 answers `501` instead.
@@ -301,13 +312,12 @@ async fn handle(
     if drop_authorization {
         headers.remove(AUTHORIZATION);
     }
-    // Nothing a client sends may pass for a PayFence header (X-PayFence-Token goes too).
-    let spoofable: Vec<HeaderName> = headers
+    let claimed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-payfence-"))
+        .filter(|k| spoofable(k.as_str()))
         .cloned()
         .collect();
-    for k in spoofable {
+    for k in claimed {
         headers.remove(k);
     }
     let now_s = now_ms() / 1000;
@@ -330,9 +340,8 @@ async fn handle(
     add(REQUEST_ID_HEADER, request_id);
     // The address PayFence saw, replacing any the client claimed: one value the
     // origin can trust, as it trusts the rest of a signed request.
-    match ip {
-        Some(ip) => add(FORWARDED_FOR, ip.to_string()),
-        None => drop(headers.remove(FORWARDED_FOR)),
+    if let Some(ip) = ip {
+        add(FORWARDED_FOR, ip.to_string());
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
