@@ -45,7 +45,7 @@ enum Command {
         #[arg(long, default_value = "./.payfence")]
         data_dir: PathBuf,
         /// The user (the JWT's sub claim): owner of the sites this user creates.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         sub: String,
         /// The user's role (the JWT's cognito:groups claim).
         #[arg(long, value_parser = ["site_owner", "admin", "consumer"])]

@@ -623,6 +623,15 @@ fn dev_token_takes_any_lifetime() {
         &["--sub", "u", "--role", "admin", "--ttl", ttl.as_str()],
     );
     assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+    // A token for nobody is refused, with a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_payfence-local"))
+        .args(["dev-token", "--sub", "", "--role", "admin", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--sub"), "{err}");
 }
 
 /// The server raises its soft limit on open files to the hard limit (every proxied

@@ -33,6 +33,7 @@ async fn jwts_are_fully_checked() {
         ("audience", claims(json!({"client_id": "other-app"}))),
         ("expired", claims(json!({"exp": now - 3600}))),
         ("token_use", claims(json!({"token_use": "refresh"}))),
+        ("empty sub", claims(json!({"sub": ""}))),
     ] {
         assert_eq!(app.get(&token, "/api/sites").await.status(), 401, "{why}");
     }

@@ -203,6 +203,10 @@ impl JwtVerifier {
         if !audience_ok {
             return Err(AuthError::Invalid("token is for another audience".into()));
         }
+        if claims.sub.is_empty() {
+            // The user every owner check compares: an empty one names nobody.
+            return Err(AuthError::Invalid("sub must not be empty".into()));
+        }
         // Highest privilege first.
         let role = [Role::Admin, Role::SiteOwner, Role::Consumer]
             .into_iter()
