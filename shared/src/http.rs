@@ -483,17 +483,12 @@ pub fn client_ip(req: &Request) -> Option<IpAddr> {
 /// list (`a, b`, as API Gateway presents it), which is no valid credential: a request
 /// is never judged on whichever copy came first.
 pub fn credential<'a>(headers: &'a HeaderMap, name: &str) -> Option<Cow<'a, str>> {
-    let mut values = headers.get_all(name).iter();
+    let mut values = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()));
     let first = values.next()?;
-    let Some(second) = values.next() else {
-        return Some(String::from_utf8_lossy(first.as_bytes()));
-    };
-    let mut joined = first.as_bytes().to_vec();
-    for v in std::iter::once(second).chain(values) {
-        joined.extend_from_slice(b", ");
-        joined.extend_from_slice(v.as_bytes());
-    }
-    Some(Cow::Owned(String::from_utf8_lossy(&joined).into_owned()))
+    Some(values.fold(first, |joined, v| Cow::Owned(format!("{joined}, {v}"))))
 }
 
 /// `Authorization: Bearer <x>` value, if any (see [`credential`]).
