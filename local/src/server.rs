@@ -12,8 +12,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
@@ -149,21 +149,23 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// Serves connections with the local server's HTTP settings: `TCP_NODELAY`, and
-/// `Config::client_header_timeout` for a request's headers (which also closes
-/// keep-alive connections idle that long, so slow or idle clients cannot hold
-/// connections indefinitely). HTTP/1.1, and HTTP/2 with prior knowledge.
+/// Serves connections with the local server's HTTP settings: HTTP/1.1 (and 1.0),
+/// `TCP_NODELAY`, and `Config::client_header_timeout` for a request's headers, timed
+/// from the moment the connection is accepted or its previous answer was sent. So a
+/// connection that sends nothing, a half-sent request and an idle keep-alive
+/// connection are all closed after it: slow or idle clients cannot hold connections.
+/// (No HTTP/2 with prior knowledge: hyper's detection of it waits for the first bytes
+/// with no time limit, and the proxy speaks HTTP/1.1 to origins anyway.)
 pub struct Connections {
     router: axum::Router,
-    builder: Builder<TokioExecutor>,
+    builder: Builder,
     graceful: GracefulShutdown,
 }
 
 impl Connections {
     pub fn new(local: &Local) -> Self {
-        let mut builder = Builder::new(TokioExecutor::new());
+        let mut builder = Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(local.state.config.client_header_timeout);
         Self {
@@ -187,8 +189,7 @@ impl Connections {
             });
         let conn = self
             .builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let conn = self.graceful.watch(conn);
         tokio::spawn(async move {
             // A client that goes away, stalls or sends garbage ends only its connection.

@@ -479,7 +479,7 @@ async fn a_transfer_coding_other_than_chunked_is_501_and_not_forwarded() {
 }
 
 #[tokio::test]
-async fn stalled_headers_and_idle_connections_are_closed_but_slow_bodies_are_not() {
+async fn silent_stalled_and_idle_connections_are_closed_but_slow_bodies_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = Config {
         client_header_timeout: Duration::from_millis(300),
@@ -494,6 +494,14 @@ async fn stalled_headers_and_idle_connections_are_closed_but_slow_bodies_are_not
             .await
             .is_ok()
     };
+
+    // A connection that sends nothing, or only the first byte of a request (also of
+    // HTTP/2's preface, "PRI …"): closed.
+    let conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_within(conn).await, "a silent connection stayed open");
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"P").await.unwrap();
+    assert!(closed_within(conn).await, "a one-byte request stayed open");
 
     // Headers that never end: the connection is closed.
     let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
