@@ -148,6 +148,16 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         .await
         .unwrap();
     assert_eq!(res.json::<Value>().await.unwrap()["field"], "path");
+    // A path (with its query) of 8 KiB is taken, a longer one named.
+    let path =
+        |len: usize| json!({"method": "GET", "path": format!("/?q={}", "a".repeat(len - 4))});
+    let res = app.authorize(&key, path(8192)).await;
+    assert_eq!(res.status(), 200);
+    let res = app.authorize(&key, path(8193)).await;
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["field"], "path");
+    assert!(p["detail"].as_str().unwrap().contains("8 KiB"), "{p}");
     // A body past the limit: 413, as problem+json.
     let big = format!(
         r#"{{"method": "GET", "path": "/", "pad": "{}"}}"#,

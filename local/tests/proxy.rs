@@ -607,6 +607,38 @@ async fn one_audit_record_per_decision() {
 }
 
 #[tokio::test]
+async fn request_targets_over_8_kib_are_414_and_never_recorded() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    // `/p/{site_id}` and the rest: 8,192 bytes in all is the longest taken.
+    let prefix = format!("/p/{}", s.site_id);
+    let rest = |len: usize| format!("/v1/x?q={}", "a".repeat(len - prefix.len() - 8));
+    let res = app.proxy_get(&s.site_id, &rest(8192), &s.token).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.origin.last().path_and_query, rest(8192));
+    for token in [s.token.as_str(), "garbage"] {
+        let res = app.proxy_get(&s.site_id, &rest(8193), token).await;
+        assert_eq!(res.status(), 414);
+        assert_eq!(
+            header(&res, "content-type"),
+            Some("application/problem+json")
+        );
+        assert!(header(&res, "x-payfence-request-id").is_some());
+    }
+    assert_eq!(s.origin.count(), 1);
+    let logs = app.logs(&s.owner, &s.site_id, "").await;
+    assert_eq!(logs["items"].as_array().unwrap().len(), 1, "{logs}");
+    // Every route: nothing past the limit is served.
+    let res = app
+        .http
+        .get(app.url(&format!("/api/health?{}", "a".repeat(8192))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 414);
+}
+
+#[tokio::test]
 async fn secret_query_values_and_tokens_reach_the_origin_but_never_the_audit_log() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;

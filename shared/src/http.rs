@@ -23,6 +23,10 @@ use crate::store::StoreError;
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-payfence-request-id");
 /// Requests with more header bytes than this are refused with 431.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Request targets (path and query) longer than this are refused with 414, and so is
+/// a longer `path` in `POST /v1/authorize` (422): CloudFront's limit on a URL, so
+/// that the local server and AWS agree, and no audit record holds a path longer.
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
 /// JSON request bodies (authorize, dashboard) larger than this are refused with 413.
 pub const MAX_JSON_BODY_BYTES: usize = 64 * 1024;
 
@@ -261,6 +265,13 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     } else if !one_host(&req) {
         ApiError::BadRequest("an HTTP/1.1 request must carry exactly one Host header".into())
             .into_response()
+    } else if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > MAX_TARGET_BYTES {
+        problem(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "the request target (path and query) exceeds 8 KiB",
+            None,
+        )
     } else if header_bytes > MAX_HEADER_BYTES {
         problem(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

@@ -14,7 +14,7 @@ use payfence_core::domain::{elapsed_ms, Mode};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, decision_headers, json, parse_json, request_context, ApiError, LogFields,
-    MAX_JSON_BODY_BYTES,
+    MAX_JSON_BODY_BYTES, MAX_TARGET_BYTES,
 };
 use payfence_core::{ids, AppState};
 use serde::Deserialize;
@@ -45,7 +45,7 @@ fn valid_method(m: &str) -> bool {
 }
 
 fn valid_path(p: &str) -> bool {
-    p.starts_with('/') && p.len() <= 4096 && !p.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_control() || b == b' ')
 }
 
 /// The decision body of API.md "Middleware mode".
@@ -92,6 +92,12 @@ async fn authorize(
         return Err(ApiError::invalid(
             "path",
             "must start with / and contain no spaces or control characters",
+        ));
+    }
+    if body.path.len() > MAX_TARGET_BYTES {
+        return Err(ApiError::invalid(
+            "path",
+            "must be at most 8 KiB (8,192 bytes), path and query together",
         ));
     }
     let client_ip = match body.client_ip.as_deref() {
