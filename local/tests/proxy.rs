@@ -607,7 +607,7 @@ async fn one_audit_record_per_decision() {
 }
 
 #[tokio::test]
-async fn request_targets_over_8_kib_are_414_and_never_recorded() {
+async fn over_long_targets_and_methods_are_refused_and_never_recorded() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     // `/p/{site_id}` and the rest: 8,192 bytes in all is the longest taken.
@@ -625,9 +625,27 @@ async fn request_targets_over_8_kib_are_414_and_never_recorded() {
         );
         assert!(header(&res, "x-payfence-request-id").is_some());
     }
-    assert_eq!(s.origin.count(), 1);
+    // A method of 32 bytes is forwarded; a longer one is 501 (RFC 9112 §3).
+    let method = |len: usize| reqwest::Method::from_bytes("X".repeat(len).as_bytes()).unwrap();
+    let send = |len: usize, token: &str| {
+        app.http
+            .request(method(len), app.url(&format!("/p/{}/v1/x", s.site_id)))
+            .header("x-payfence-token", token)
+            .send()
+    };
+    assert_eq!(send(32, &s.token).await.unwrap().status(), 200);
+    assert_eq!(s.origin.last().method, "X".repeat(32));
+    for token in [s.token.as_str(), "garbage"] {
+        let res = send(33, token).await.unwrap();
+        assert_eq!(res.status(), 501);
+        assert_eq!(
+            header(&res, "content-type"),
+            Some("application/problem+json")
+        );
+    }
+    assert_eq!(s.origin.count(), 2);
     let logs = app.logs(&s.owner, &s.site_id, "").await;
-    assert_eq!(logs["items"].as_array().unwrap().len(), 1, "{logs}");
+    assert_eq!(logs["items"].as_array().unwrap().len(), 2, "{logs}");
     // Every route: nothing past the limit is served.
     let res = app
         .http

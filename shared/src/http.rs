@@ -27,6 +27,10 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// a longer `path` in `POST /v1/authorize` (422): CloudFront's limit on a URL, so
 /// that the local server and AWS agree, and no audit record holds a path longer.
 pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+/// Requests whose method is longer than this are refused with 501 (RFC 9112 §3: a
+/// method longer than any implemented): the longest registered method has 17 bytes,
+/// and the method is kept in the audit record and the request log.
+pub const MAX_METHOD_BYTES: usize = 32;
 /// JSON request bodies (authorize, dashboard) larger than this are refused with 413.
 pub const MAX_JSON_BODY_BYTES: usize = 64 * 1024;
 
@@ -262,6 +266,9 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
             "requests must come through the gateway's public address",
             None,
         )
+    } else if method.as_str().len() > MAX_METHOD_BYTES {
+        ApiError::NotImplemented("request methods longer than 32 bytes are not implemented".into())
+            .into_response()
     } else if !one_host(&req) {
         ApiError::BadRequest("an HTTP/1.1 request must carry exactly one Host header".into())
             .into_response()
@@ -322,7 +329,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     tracing::info!(
         target: "payfence::request",
         request_id = %id,
-        method = %method,
+        method = if method.as_str().len() <= MAX_METHOD_BYTES { method.as_str() } else { "-" },
         route = route.as_deref().unwrap_or("-"),
         status = res.status().as_u16(),
         site_id = fields.site_id.as_deref(),
