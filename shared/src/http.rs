@@ -250,6 +250,8 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     let id = crate::ids::request_id();
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
+    // Short enough to serve, record and log.
+    let method_kept = method.as_str().len() <= MAX_METHOD_BYTES;
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -266,7 +268,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
             "requests must come through the gateway's public address",
             None,
         )
-    } else if method.as_str().len() > MAX_METHOD_BYTES {
+    } else if !method_kept {
         ApiError::NotImplemented("request methods longer than 32 bytes are not implemented".into())
             .into_response()
     } else if !one_host(&req) {
@@ -329,7 +331,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     tracing::info!(
         target: "payfence::request",
         request_id = %id,
-        method = if method.as_str().len() <= MAX_METHOD_BYTES { method.as_str() } else { "-" },
+        method = if method_kept { method.as_str() } else { "-" },
         route = route.as_deref().unwrap_or("-"),
         status = res.status().as_u16(),
         site_id = fields.site_id.as_deref(),
