@@ -18,7 +18,9 @@ CFN_LINT_VERSION=1.58.0
 CARGO_LAMBDA_VERSION=1.9.2
 
 need() { # module-or-command version pip-spec
-  if ! python3 -m pip show "$1" 2>/dev/null | grep -qx "Version: $2"; then
+  # Not `grep -q`: it stops reading at the match, pip then dies of SIGPIPE, and with
+  # pipefail that looked like a missing package, reinstalled on every run.
+  if ! python3 -m pip show "$1" 2>/dev/null | grep -x "Version: $2" >/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check "$3"
   fi
 }
