@@ -1156,6 +1156,51 @@ async fn own_endpoints_carry_security_headers_and_are_rate_limited() {
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
 }
 
+/// Health needs no credential and every call probes the store, so it is limited per
+/// client address, with the same headers as the rest.
+#[tokio::test]
+async fn health_is_rate_limited_per_client() {
+    let app = spawn_app_with(Config {
+        health_requests_per_second: 3,
+        ..test_config()
+    })
+    .await;
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let (first, second) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let mut limited = None;
+    for _ in 0..20 {
+        let res = first.get(app.url("/api/health")).send().await.unwrap();
+        assert_eq!(header(&res, "x-ratelimit-limit"), Some("3"));
+        assert!(header(&res, "ratelimit-policy").is_some());
+        if res.status() == 429 {
+            limited = Some(res);
+            break;
+        }
+        assert_eq!(res.status(), 200);
+        assert!(header(&res, "x-ratelimit-remaining").is_some());
+    }
+    let res = limited.expect("the health limit applies");
+    assert_eq!(header(&res, "retry-after"), Some("1"));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    assert!(header(&res, "x-payfence-request-id").is_some());
+    // Another client is not held back by the first one's calls.
+    let res = second.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    // The limit is per second: the first client is served again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let res = first.get(app.url("/api/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
 #[tokio::test]
 async fn health_reports_the_store() {
     let app = spawn_app().await;

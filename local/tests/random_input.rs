@@ -325,6 +325,7 @@ async fn random_requests_to_every_route_get_a_clear_answer() {
     let app = std::sync::Arc::new(
         spawn_app_with(Config {
             dashboard_requests_per_second: 1_000_000,
+            health_requests_per_second: 1_000_000,
             ..test_config()
         })
         .await,

@@ -22,6 +22,8 @@ pub struct Config {
     pub cache_ttl: Duration,
     /// Dashboard requests per second per user.
     pub dashboard_requests_per_second: u64,
+    /// `/api/health` requests per second per client address (each probes the store).
+    pub health_requests_per_second: u64,
     /// How long the previous signing secret keeps signing after a rotation.
     pub rotation_overlap_secs: u64,
     /// Web origins (`https://host[:port]`) whose pages may call the dashboard API
@@ -43,6 +45,7 @@ impl Default for Config {
             origin_timeout: Duration::from_secs(30),
             cache_ttl: Duration::from_secs(10),
             dashboard_requests_per_second: 50,
+            health_requests_per_second: 10,
             rotation_overlap_secs: 86_400,
             dashboard_origins: Vec::new(),
             client_header_timeout: Duration::from_secs(30),
@@ -112,6 +115,10 @@ impl Config {
                 "PAYFENCE_DASHBOARD_RPS",
                 d.dashboard_requests_per_second,
             )?,
+            health_requests_per_second: env_parse(
+                "PAYFENCE_HEALTH_RPS",
+                d.health_requests_per_second,
+            )?,
             rotation_overlap_secs: env_parse(
                 "PAYFENCE_ROTATION_OVERLAP_SECS",
                 d.rotation_overlap_secs,
@@ -141,11 +148,16 @@ impl Config {
                 problem: "must be at least 1".into(),
             });
         }
-        if c.dashboard_requests_per_second == 0 {
-            return Err(ConfigError::Invalid {
-                var: "PAYFENCE_DASHBOARD_RPS",
-                problem: "must be at least 1".into(),
-            });
+        for (var, value) in [
+            ("PAYFENCE_DASHBOARD_RPS", c.dashboard_requests_per_second),
+            ("PAYFENCE_HEALTH_RPS", c.health_requests_per_second),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    var,
+                    problem: "must be at least 1".into(),
+                });
+            }
         }
         Ok(c)
     }

@@ -431,8 +431,8 @@ pub fn decision_headers(h: &mut HeaderMap, d: &Decision) {
     );
 }
 
-/// Simple headers for the gateway's own per-caller limits (dashboard).
-pub fn simple_rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset_unix: u64) {
+/// Simple headers for the gateway's own per-caller limits.
+fn simple_rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset_unix: u64) {
     h.insert(X_RATELIMIT_LIMIT, limit.into());
     h.insert(X_RATELIMIT_REMAINING, remaining.into());
     h.insert(X_RATELIMIT_RESET, reset_unix.into());
@@ -445,6 +445,24 @@ pub fn simple_rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset_
             reset_unix.saturating_sub(now_s())
         ),
     );
+}
+
+/// Answer with `answer` while `key` has made at most `limit` requests this second,
+/// else `429`; either way with the `X-RateLimit-*` and `RateLimit*` headers of a one-second window. For the
+/// gateway's own endpoints: the dashboard per user, health per client.
+pub async fn per_second_limit(
+    limiter: &KeyedLimiter,
+    key: &str,
+    limit: u64,
+    answer: impl std::future::Future<Output = Response>,
+) -> Response {
+    let reset = now_s() + 1;
+    let (mut res, remaining) = match limiter.check(key, limit) {
+        Err(retry_after) => (ApiError::TooManyRequests { retry_after }.into_response(), 0),
+        Ok(remaining) => (answer.await, remaining),
+    };
+    simple_rate_headers(res.headers_mut(), limit, remaining, reset);
+    res
 }
 
 /// A per-key, per-second in-memory limiter for the gateway's own endpoints.

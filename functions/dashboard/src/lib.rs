@@ -20,7 +20,7 @@ use payfence_core::domain::{
     DecisionKind, Mode, Plan, Reason, Site, Token,
 };
 use payfence_core::http::{
-    bearer, json, request_context, simple_rate_headers, ApiError, ApiJson, ApiPath,
+    bearer, json, per_second_limit, request_context, ApiError, ApiJson, ApiPath,
     MAX_JSON_BODY_BYTES,
 };
 use payfence_core::limits::{self, period_end_unix, period_of};
@@ -120,24 +120,10 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
         Err(AuthError::KeysUnavailable(e)) => return ApiError::Unavailable(e).into_response(),
         Err(e) => return ApiError::Unauthorized(e.to_string()).into_response(),
     };
+    let key = format!("dashboard:{}", principal.sub);
+    req.extensions_mut().insert(principal);
     let limit = st.config.dashboard_requests_per_second;
-    let reset = now_ms() / 1000 + 1;
-    match st
-        .limiter
-        .check(&format!("dashboard:{}", principal.sub), limit)
-    {
-        Err(retry_after) => {
-            let mut res = ApiError::TooManyRequests { retry_after }.into_response();
-            simple_rate_headers(res.headers_mut(), limit, 0, reset);
-            res
-        }
-        Ok(remaining) => {
-            req.extensions_mut().insert(principal);
-            let mut res = next.run(req).await;
-            simple_rate_headers(res.headers_mut(), limit, remaining, reset);
-            res
-        }
-    }
+    per_second_limit(&st.limiter, &key, limit, next.run(req)).await
 }
 
 type P = Extension<Principal>;

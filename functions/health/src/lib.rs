@@ -1,15 +1,16 @@
-//! `GET /api/health`: a real round trip to the store.
+//! `GET /api/health`: a real round trip to the store, at most
+//! `PAYFENCE_HEALTH_RPS` a second per client address.
 
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::middleware::from_fn;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use http::StatusCode;
 use payfence_core::domain::elapsed_ms;
-use payfence_core::http::{json, request_context};
+use payfence_core::http::{client_ip, json, per_second_limit, request_context};
 use payfence_core::AppState;
 use serde_json::json;
 
@@ -20,7 +21,17 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn(request_context))
 }
 
-async fn health(State(st): State<AppState>) -> Response {
+async fn health(State(st): State<AppState>, req: Request) -> Response {
+    // Anyone may call it, and each call reaches the store: limited per client.
+    let key = match client_ip(&req) {
+        Some(ip) => format!("health:{ip}"),
+        None => "health:".to_owned(),
+    };
+    let limit = st.config.health_requests_per_second;
+    per_second_limit(&st.limiter, &key, limit, probe(&st)).await
+}
+
+async fn probe(st: &AppState) -> Response {
     let started = Instant::now();
     let probe = tokio::time::timeout(Duration::from_secs(3), st.store().ping()).await;
     let latency_ms = elapsed_ms(started);
