@@ -4,7 +4,7 @@ mod common;
 
 use base64::Engine;
 use common::*;
-use payfence_core::auth::Role;
+use payfence_core::auth::{AuthError, Role};
 use payfence_core::config::Config;
 use serde_json::{json, Value};
 
@@ -1231,6 +1231,60 @@ async fn jwks_are_fetched_from_a_url_as_with_cognito() {
     let other = payfence_local::Issuer::load_or_create(other_dir.path()).unwrap();
     let foreign = other.token("dana", Role::Admin, std::time::Duration::from_secs(60));
     assert!(verifier.verify(&foreign).await.is_err());
+}
+
+/// While the JWKS cannot be fetched, a token signed with a key not yet known is
+/// "unavailable" (the dashboard's 503, so the SPA retries), not "invalid" (a 401
+/// that logs the user out); once the JWKS answers again, the token is accepted.
+#[tokio::test]
+async fn a_failed_jwks_fetch_is_unavailable_not_unauthorized_and_is_retried() {
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let app = spawn_app().await;
+    let jwks: Value = app
+        .http
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let up = Arc::new(AtomicBool::new(false));
+    let serve = {
+        let up = up.clone();
+        axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || async move {
+                if up.load(Ordering::SeqCst) {
+                    axum::Json(jwks).into_response()
+                } else {
+                    http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, serve).await });
+
+    let client = payfence_core::origin::origin_client(true, std::time::Duration::from_secs(2));
+    let verifier = payfence_core::auth::JwtVerifier::with_url(
+        payfence_local::ISSUER,
+        payfence_local::AUDIENCE,
+        &url,
+        client,
+    );
+    let token = app.jwt("dana", Role::Admin);
+    let unavailable = |r: Result<_, AuthError>| matches!(r, Err(AuthError::KeysUnavailable(_)));
+    assert!(unavailable(verifier.verify(&token).await));
+    // Back up, but the failure is only retried after a pause: still unavailable.
+    up.store(true, Ordering::SeqCst);
+    assert!(unavailable(verifier.verify(&token).await));
+    tokio::time::sleep(std::time::Duration::from_millis(5100)).await;
+    let p = verifier.verify(&token).await.unwrap();
+    assert_eq!((p.sub.as_str(), p.role), ("dana", Role::Admin));
 }
 
 #[tokio::test]

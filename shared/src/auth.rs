@@ -85,7 +85,11 @@ pub struct IssuedClaims<'a> {
     pub exp: u64,
 }
 
+/// After a fetch, keys are fetched again (for an unknown key id) no sooner than this.
 const REFETCH_AFTER: Duration = Duration::from_secs(60);
+/// After a failed fetch, the next try comes no sooner than this; meanwhile a token
+/// signed with a key not yet known gets `KeysUnavailable`, not "unknown key".
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 
 pub struct JwtVerifier {
     issuer: String,
@@ -93,7 +97,8 @@ pub struct JwtVerifier {
     jwks_url: Option<String>,
     client: Option<OriginClient>,
     keys: RwLock<HashMap<String, DecodingKey>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When keys were last fetched, and whether that worked.
+    last_fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
 fn keys_of(set: &JwkSet) -> HashMap<String, DecodingKey> {
@@ -117,7 +122,8 @@ impl JwtVerifier {
     }
 
     /// A verifier that fetches keys from `jwks_url` on first use and when an unknown
-    /// key id shows up (at most once a minute).
+    /// key id shows up (at most once a minute; after a failed fetch, at most every
+    /// 5 s, and until one works such a token gets [`AuthError::KeysUnavailable`]).
     pub fn with_url(issuer: &str, audience: &str, jwks_url: &str, client: OriginClient) -> Self {
         Self {
             issuer: issuer.into(),
@@ -129,15 +135,29 @@ impl JwtVerifier {
         }
     }
 
+    /// Fetch the keys again, unless that was done (or failed) too recently. Callers
+    /// wait for a fetch in progress rather than start their own.
     async fn refresh(&self) -> Result<(), AuthError> {
         let (Some(url), Some(client)) = (&self.jwks_url, &self.client) else {
             return Ok(());
         };
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < REFETCH_AFTER) {
-            return Ok(());
+        match *last {
+            Some((at, true)) if at.elapsed() < REFETCH_AFTER => return Ok(()),
+            Some((at, false)) if at.elapsed() < RETRY_FAILED_AFTER => {
+                return Err(AuthError::KeysUnavailable(
+                    "the last JWKS fetch failed; retrying shortly".into(),
+                ))
+            }
+            _ => {}
         }
-        *last = Some(Instant::now());
+        let fetched = Self::fetch(url, client).await;
+        *last = Some((Instant::now(), fetched.is_ok()));
+        *self.keys.write().unwrap() = keys_of(&fetched?);
+        Ok(())
+    }
+
+    async fn fetch(url: &str, client: &OriginClient) -> Result<JwkSet, AuthError> {
         let uri: http::Uri = url
             .parse()
             .map_err(|e| AuthError::KeysUnavailable(format!("bad JWKS URL: {e}")))?;
@@ -156,10 +176,8 @@ impl JwtVerifier {
             .await
             .map_err(|e| AuthError::KeysUnavailable(e.to_string()))?
             .to_bytes();
-        let set: JwkSet = serde_json::from_slice(&body)
-            .map_err(|e| AuthError::KeysUnavailable(format!("bad JWKS: {e}")))?;
-        *self.keys.write().unwrap() = keys_of(&set);
-        Ok(())
+        serde_json::from_slice(&body)
+            .map_err(|e| AuthError::KeysUnavailable(format!("bad JWKS: {e}")))
     }
 
     fn key(&self, kid: &str) -> Option<DecodingKey> {
