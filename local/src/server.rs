@@ -156,6 +156,13 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 /// connection are all closed after it: slow or idle clients cannot hold connections.
 /// (No HTTP/2 with prior knowledge: hyper's detection of it waits for the first bytes
 /// with no time limit, and the proxy speaks HTTP/1.1 to origins anyway.)
+/// The most a connection buffers of a request head (request line and headers): room
+/// for the longest target (8 KiB) and header block (32 KiB) the gateway serves, so those
+/// get its own `414`/`431` problem answers, while a client stalling mid-head holds at
+/// most this much memory (hyper's default is about 400 KB). Bodies are streamed in
+/// reads of up to this size.
+const MAX_HEAD_BUFFER: usize = 64 * 1024;
+
 pub struct Connections {
     router: axum::Router,
     builder: Builder,
@@ -167,7 +174,8 @@ impl Connections {
         let mut builder = Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(local.state.config.client_header_timeout);
+            .header_read_timeout(local.state.config.client_header_timeout)
+            .max_buf_size(MAX_HEAD_BUFFER);
         Self {
             router: local.router(),
             builder,

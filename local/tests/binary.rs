@@ -456,6 +456,26 @@ async fn bad_input_on_the_wire_gets_a_clear_4xx_and_never_a_crash() {
         "{}",
         &res[..res.len().min(200)]
     );
+    // A connection buffers at most 64 KiB of a request head: room for the gateway's
+    // own limits (a header block over 32 KiB gets its 431 problem answer), while a head
+    // that fills the buffer is refused at once, not held until the header timeout.
+    let big = "a".repeat(40 * 1024);
+    let res = raw_request(
+        b,
+        format!("GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status(&res), "431", "{}", &res[..res.len().min(200)]);
+    assert!(res.contains("headers-too-large"), "{res}");
+    let mut unfinished = b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    unfinished.resize(64 * 1024, b'a');
+    let res = raw_request(b, &unfinished).await;
+    assert_eq!(
+        status(&res),
+        "431",
+        "a full head buffer is refused at once: {res:?}"
+    );
     let res = raw_request(
         b,
         b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Bad: a\rb\r\n\r\n",
