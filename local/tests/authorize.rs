@@ -203,3 +203,52 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         .await;
     assert_eq!(res.status(), 401);
 }
+
+/// The origin passes the end client's address as `client_ip`; failed attempts count
+/// per client: an IPv4 address, or an IPv6 /64, whose host may use any address in it.
+#[tokio::test]
+async fn failed_attempts_count_per_client_address_and_per_ipv6_64() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let res = app
+        .patch(
+            &s.owner,
+            &format!("/api/sites/{}", s.site_id),
+            json!({"failed_attempts_per_minute": 3}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let bad = format!("pf_live_{}", "B".repeat(43));
+    let reason = |client_ip: &str, token: &str| {
+        let body = json!({"token": token, "method": "GET", "path": "/", "client_ip": client_ip});
+        let app = &app;
+        let key = key.clone();
+        async move {
+            let res = app.authorize(&key, body).await;
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()["reason"].clone()
+        }
+    };
+    // Three misses from three addresses of one /64 use up that client's budget...
+    for host in ["::1", "::2", "::ffff:1"] {
+        let ip = format!("2001:db8:7:7{host}");
+        assert_eq!(reason(&ip, &bad).await, "invalid_token", "{ip}");
+    }
+    // ...so any address in it is cut off, even with a good token,
+    for ip in ["2001:db8:7:7::1", "2001:db8:7:7:abcd::9"] {
+        assert_eq!(reason(ip, &s.token).await, "site_rate_limited", "{ip}");
+    }
+    // while the next /64 and an IPv4 client are not.
+    assert_eq!(reason("2001:db8:7:8::1", &s.token).await, Value::Null);
+    assert_eq!(reason("203.0.113.9", &s.token).await, Value::Null);
+    // An IPv4 address is one client however it is written.
+    for ip in ["198.51.100.4", "::ffff:198.51.100.4", "198.51.100.4"] {
+        assert_eq!(reason(ip, &bad).await, "invalid_token", "{ip}");
+    }
+    assert_eq!(
+        reason("::ffff:198.51.100.4", &s.token).await,
+        "site_rate_limited"
+    );
+    assert_eq!(reason("198.51.100.5", &s.token).await, Value::Null);
+}

@@ -10,6 +10,7 @@
 //! * Monthly quota: a counter per UTC calendar month; allowed while `used < quota`.
 //! * Site rate: a counter per UTC second over all tokens of a site.
 //! * Failed-token attempts per client: the same sliding window as the token rate.
+//!   A client is an IPv4 address or an IPv6 /64 (see [`client_of`]).
 //!
 //! Only allowed requests are counted.
 
@@ -21,6 +22,18 @@ pub const MIN_REQUESTS_PER_MINUTE: u64 = 10;
 pub const MAX_REQUESTS_PER_MINUTE: u64 = 10_000;
 pub const DEFAULT_SITE_REQUESTS_PER_SECOND: u64 = 1_000;
 pub const DEFAULT_FAILED_ATTEMPTS_PER_MINUTE: u64 = 30;
+
+/// The client an address counts for in per-client limits: an IPv4 address itself
+/// (also written IPv4-mapped, `::ffff:a.b.c.d`), an IPv6 address its /64, the
+/// smallest block a site is normally given; one host can pick any address in it, so
+/// counting single IPv6 addresses would give it 2^64 budgets.
+pub fn client_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
 
 /// Sliding-window counter of requests over the last 60 s.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -290,6 +303,16 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_is_an_ipv4_address_or_an_ipv6_64() {
+        let c = |ip: &str| client_of(ip.parse().unwrap()).to_string();
+        assert_eq!(c("203.0.113.9"), "203.0.113.9");
+        assert_eq!(c("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(c("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(c("2001:db8:1:2::1"), c("2001:db8:1:2:ffff::9"));
+        assert_ne!(c("2001:db8:1:2::1"), c("2001:db8:1:3::1"));
+    }
     use proptest::prelude::*;
 
     const T0: u64 = 1_700_000_040_000; // a whole minute boundary

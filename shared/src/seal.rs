@@ -80,10 +80,11 @@ impl SealingKey {
             .map_err(|_| SealError::Malformed)
     }
 
-    /// Keyed hash of a client address: stable per key, not reversible without it.
+    /// Keyed hash of the client an address counts for ([`crate::limits::client_of`]):
+    /// stable per key, not reversible without it.
     pub fn client_hash(&self, ip: &std::net::IpAddr) -> String {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.ip_key).expect("any key length");
-        mac.update(ip.to_string().as_bytes());
+        mac.update(crate::limits::client_of(*ip).to_string().as_bytes());
         hex::encode(&mac.finalize().into_bytes()[..16])
     }
 }

@@ -24,7 +24,7 @@ pub fn router(state: AppState) -> Router {
 async fn health(State(st): State<AppState>, req: Request) -> Response {
     // Anyone may call it, and each call reaches the store: limited per client.
     let key = match client_ip(&req) {
-        Some(ip) => format!("health:{ip}"),
+        Some(ip) => format!("health:{}", payfence_core::limits::client_of(ip)),
         None => "health:".to_owned(),
     };
     let limit = st.config.health_requests_per_second;
