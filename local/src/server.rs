@@ -149,13 +149,6 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// Serves connections with the local server's HTTP settings: HTTP/1.1 (and 1.0),
-/// `TCP_NODELAY`, and `Config::client_header_timeout` for a request's headers, timed
-/// from the moment the connection is accepted or its previous answer was sent. So a
-/// connection that sends nothing, a half-sent request and an idle keep-alive
-/// connection are all closed after it: slow or idle clients cannot hold connections.
-/// (No HTTP/2 with prior knowledge: hyper's detection of it waits for the first bytes
-/// with no time limit, and the proxy speaks HTTP/1.1 to origins anyway.)
 /// The most a connection buffers of a request head (request line and headers): room
 /// for the longest target (8 KiB) and header block (32 KiB) the gateway serves, so those
 /// get its own `414`/`431` problem answers, while a client stalling mid-head holds at
@@ -163,6 +156,14 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 /// reads of up to this size.
 const MAX_HEAD_BUFFER: usize = 64 * 1024;
 
+/// Serves connections with the local server's HTTP settings: HTTP/1.1 (and 1.0),
+/// `TCP_NODELAY`, and `Config::client_header_timeout` for a request's headers, timed
+/// from the moment the connection is accepted or its previous answer was sent. So a
+/// connection that sends nothing, a half-sent request and an idle keep-alive
+/// connection are all closed after it: slow or idle clients cannot hold connections.
+/// (No HTTP/2 with prior knowledge: hyper's detection of it waits for the first bytes
+/// with no time limit, and the proxy speaks HTTP/1.1 to origins anyway.) A request
+/// head may take at most [`MAX_HEAD_BUFFER`].
 pub struct Connections {
     router: axum::Router,
     builder: Builder,
