@@ -22,7 +22,7 @@ pub struct Config {
     pub cache_ttl: Duration,
     /// Dashboard requests per second per user.
     pub dashboard_requests_per_second: u64,
-    /// `/api/health` requests per second per client address (each probes the store).
+    /// `/api/health` requests per second per client (each probes the store).
     pub health_requests_per_second: u64,
     /// How long the previous signing secret keeps signing after a rotation.
     pub rotation_overlap_secs: u64,

@@ -1,5 +1,5 @@
 //! `GET /api/health`: a real round trip to the store, at most
-//! `PAYFENCE_HEALTH_RPS` a second per client address.
+//! `PAYFENCE_HEALTH_RPS` a second per client (an IPv4 address or an IPv6 /64).
 
 use std::time::{Duration, Instant};
 
