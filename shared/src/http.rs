@@ -448,8 +448,9 @@ fn simple_rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset_unix
 }
 
 /// Answer with `answer` while `key` has made at most `limit` requests this second,
-/// else `429`; either way with the `X-RateLimit-*` and `RateLimit*` headers of a one-second window. For the
-/// gateway's own endpoints: the dashboard per user, health per client.
+/// else `429`; either way with the `X-RateLimit-*` and `RateLimit*` headers of a
+/// one-second window. For the gateway's own endpoints: the dashboard per user,
+/// health per client.
 pub async fn per_second_limit(
     limiter: &KeyedLimiter,
     key: &str,
