@@ -2,22 +2,30 @@
 //! acceptor hands each new connection to the next thread in turn; the connection,
 //! its requests and the origin connections they use then stay on that thread, with
 //! no hand-offs between threads (see docs/performance.md for what this saved).
-//! [`Connections`] serves each connection with a header read timeout.
+//! [`Connections`] serves each connection with a header read timeout, and with a
+//! timeout for a client that stalls a body in either direction.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
+use http_body::{Body as _, Frame};
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use payfence_core::http::BodyStalled;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Sleep;
 use tower::ServiceExt;
 
 use crate::Local;
@@ -163,10 +171,14 @@ const MAX_HEAD_BUFFER: usize = 64 * 1024;
 /// connection are all closed after it: slow or idle clients cannot hold connections.
 /// (No HTTP/2 with prior knowledge: hyper's detection of it waits for the first bytes
 /// with no time limit, and the proxy speaks HTTP/1.1 to origins anyway.) A request
-/// head may take at most [`MAX_HEAD_BUFFER`].
+/// head may take at most [`MAX_HEAD_BUFFER`]. A client that sends nothing more of a
+/// request body for `Config::client_body_timeout` fails that body ([`StallGuard`]),
+/// and one that takes nothing of an answer for as long loses its connection
+/// ([`SendTimeout`]).
 pub struct Connections {
     router: axum::Router,
     builder: Builder,
+    body_timeout: Duration,
     graceful: GracefulShutdown,
 }
 
@@ -180,6 +192,7 @@ impl Connections {
         Self {
             router: local.router(),
             builder,
+            body_timeout: local.state.config.client_body_timeout,
             graceful: GracefulShutdown::new(),
         }
     }
@@ -188,17 +201,31 @@ impl Connections {
     pub fn serve(&self, stream: TcpStream, peer: SocketAddr) {
         // Responses are written whole; small streamed chunks must not wait for an ACK.
         let _ = stream.set_nodelay(true);
+        let body_timeout = self.body_timeout;
         let service = self
             .router
             .clone()
             .map_request(move |req: http::Request<Incoming>| {
-                let mut req = req.map(Body::new);
+                let mut req = req.map(|body| {
+                    if body.is_end_stream() {
+                        Body::new(body)
+                    } else {
+                        Body::new(StallGuard {
+                            body,
+                            stall: Stall::new(body_timeout),
+                        })
+                    }
+                });
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             });
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let conn = self.builder.serve_connection(
+            TokioIo::new(SendTimeout {
+                stream,
+                stall: Stall::new(body_timeout),
+            }),
+            TowerToHyperService::new(service),
+        );
         let conn = self.graceful.watch(conn);
         tokio::spawn(async move {
             // A client that goes away, stalls or sends garbage ends only its connection.
@@ -211,6 +238,156 @@ impl Connections {
     /// Let the connections finish the requests in flight, then close them.
     pub async fn shutdown(self) {
         self.graceful.shutdown().await;
+    }
+}
+
+/// The clock of `Config::client_body_timeout`: how long a client has made no progress
+/// while we waited for it.
+struct Stall {
+    timeout: Duration,
+    /// Set while we wait (made on the first wait).
+    deadline: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl Stall {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            deadline: None,
+            waiting: false,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// We wait (again): has the wait lasted `timeout`? If not, `cx` is woken when it has.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let sleep = match &mut self.deadline {
+            Some(sleep) if self.waiting => sleep,
+            Some(sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => self
+                .deadline
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.waiting = true;
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A request body that fails with [`BodyStalled`] when its client has sent nothing
+/// more of it for `Config::client_body_timeout` while it was awaited.
+struct StallGuard {
+    body: Incoming,
+    stall: Stall,
+}
+
+impl http_body::Body for StallGuard {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.stall.progressed();
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.stall.expired(cx) {
+            return Poll::Ready(Some(Err(BodyStalled(this.stall.timeout).into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A client's connection whose writes fail with `TimedOut` when the client has taken
+/// nothing of what it is sent for `Config::client_body_timeout` (it stopped reading,
+/// so the sockets' buffers are full). hyper then closes it, and drops the answer it
+/// was sending.
+struct SendTimeout {
+    stream: TcpStream,
+    stall: Stall,
+}
+
+impl SendTimeout {
+    /// A write's outcome, or `TimedOut` once writes have waited the timeout in a row.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stall.progressed();
+            return polled;
+        }
+        if self.stall.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took nothing of the answer for {} ms",
+                    self.stall.timeout.as_millis()
+                ),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for SendTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.timed(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.timed(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -252,3 +252,29 @@ async fn failed_attempts_count_per_client_address_and_per_ipv6_64() {
     );
     assert_eq!(reason("198.51.100.5", &s.token).await, Value::Null);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_on_authorize_and_the_dashboard() {
+    let config = payfence_core::config::Config {
+        client_body_timeout: std::time::Duration::from_millis(300),
+        ..test_config()
+    };
+    let app = spawn_app_with(config).await;
+    let s = app.setup(10, 1000).await;
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    for (path, credential) in [("/v1/authorize", &key), ("/api/sites", &s.owner)] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {credential}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"token\":"
+        );
+        let res = raw_request(&app.base, req.as_bytes()).await;
+        assert!(res.starts_with("HTTP/1.1 408"), "{path}: {res}");
+        assert!(res.contains("application/problem+json"), "{path}: {res}");
+        assert!(res.contains("connection: close"), "{path}: {res}");
+    }
+    // Nothing was decided or created.
+    let logs = app.logs(&s.owner, &s.site_id, "").await;
+    assert_eq!(logs["items"].as_array().unwrap().len(), 0);
+    let sites = app.get_json(&s.owner, "/api/sites").await;
+    assert_eq!(sites["items"].as_array().unwrap().len(), 1);
+}

@@ -868,3 +868,150 @@ async fn streams_the_origins_answer_as_it_comes() {
     }
     assert_eq!(rest, b"second");
 }
+
+#[tokio::test]
+async fn the_origins_timeout_waits_for_a_slow_upload_but_not_for_an_origin_that_stops_reading() {
+    let config = Config {
+        origin_timeout: Duration::from_millis(500),
+        ..test_config()
+    };
+    let app = spawn_app_with(config).await;
+    let s = app.setup(600, 1000).await;
+    // The test origin answers once it has the whole body; the body takes 1.2 s, more
+    // than the origin's 500 ms, but the origin's clock runs only while it owes us.
+    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1000]))
+    });
+    let res = app
+        .http
+        .put(app.url(&format!("/p/{}/upload", s.site_id)))
+        .bearer_auth(&s.token)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.origin.last().body_len, 5000);
+
+    // An origin that accepts the connection and never reads: once the sockets'
+    // buffers are full it owes us, and is given 500 ms.
+    let owner = app.jwt("alice", Role::SiteOwner);
+    let (listener, addr) = bind_origin().await;
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            conns.push(conn);
+        }
+    });
+    let site = app.create_site(&owner, &format!("http://{addr}")).await;
+    let site_id = site["site_id"].as_str().unwrap();
+    let plan = app.create_plan(&owner, site_id, 60, 10).await;
+    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let endless = futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+    let res = tokio::time::timeout(
+        Duration::from_secs(20),
+        app.http
+            .put(app.url(&format!("/p/{site_id}/upload")))
+            .bearer_auth(&token)
+            .body(reqwest::Body::wrap_stream(endless))
+            .send(),
+    )
+    .await
+    .expect("an origin that stops reading is timed out");
+    let res = res.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_rate_headers(&res);
+    held.abort();
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_gets_408_and_its_origin_request_is_dropped() {
+    let config = Config {
+        client_body_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let app = spawn_app_with(config).await;
+    let s = app.setup(600, 1000).await;
+    let req = format!(
+        "PUT /p/{}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 1000\r\n\r\nonly ten b",
+        s.site_id, s.token
+    );
+    let res = raw_request(&app.base, req.as_bytes()).await;
+    assert!(res.starts_with("HTTP/1.1 408"), "{res}");
+    assert!(res.contains("application/problem+json"), "{res}");
+    assert!(res.contains("x-ratelimit-remaining"), "{res}");
+    assert!(res.contains("connection: close"), "{res}");
+    assert!(res.contains("request-timeout"), "{res}");
+    // The origin never saw a whole request.
+    assert_eq!(s.origin.count(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection_and_the_origin_is_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = Config {
+        client_body_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let app = spawn_app_with(config).await;
+    let owner = app.jwt("alice", Role::SiteOwner);
+    // An origin with an endless answer, which notes when the proxy lets it go.
+    let (listener, addr) = bind_origin().await;
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+    let origin = axum::Router::new().fallback(move || {
+        let guard = OnDrop(dropped_tx.lock().unwrap().take());
+        async move {
+            let chunk = bytes::Bytes::from(vec![b'z'; 64 * 1024]);
+            let endless = futures_util::stream::repeat_with(move || {
+                let _ = &guard;
+                Ok::<_, std::io::Error>(chunk.clone())
+            });
+            axum::body::Body::from_stream(endless)
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, origin).await.unwrap() });
+    let site = app.create_site(&owner, &format!("http://{addr}")).await;
+    let site_id = site["site_id"].as_str().unwrap();
+    let plan = app.create_plan(&owner, site_id, 60, 10).await;
+    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+
+    let mut conn = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /p/{site_id}/download HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    // Read nothing: once the sockets' buffers are full, the server can send no more.
+    tokio::time::timeout(Duration::from_secs(20), dropped)
+        .await
+        .expect("the origin's answer is dropped once the client stops reading")
+        .unwrap();
+    // The connection is closed: what was buffered, then the end.
+    let mut sink = vec![0u8; 1 << 20];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match conn.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client's connection stayed open");
+}

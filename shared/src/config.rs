@@ -32,6 +32,10 @@ pub struct Config {
     /// Local server: how long a client may take to send a request's headers, which
     /// also closes keep-alive connections idle that long (in AWS, CloudFront does this).
     pub client_header_timeout: Duration,
+    /// Local server: how long a client may stall a body: send nothing more of a
+    /// request body it has begun, or take nothing of an answer being sent to it. Then
+    /// the request gets `408` (a stalled answer just has its connection closed).
+    pub client_body_timeout: Duration,
     /// Local server: how long requests in flight may take to finish once it is asked
     /// to stop (Ctrl-C, SIGTERM); then their connections are closed.
     pub shutdown_grace: Duration,
@@ -49,6 +53,7 @@ impl Default for Config {
             rotation_overlap_secs: 86_400,
             dashboard_origins: Vec::new(),
             client_header_timeout: Duration::from_secs(30),
+            client_body_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -134,6 +139,7 @@ impl Config {
                 "PAYFENCE_CLIENT_HEADER_TIMEOUT_MS",
                 d.client_header_timeout,
             )?,
+            client_body_timeout: ms("PAYFENCE_CLIENT_BODY_TIMEOUT_MS", d.client_body_timeout)?,
             shutdown_grace: ms("PAYFENCE_SHUTDOWN_GRACE_MS", d.shutdown_grace)?,
         };
         if c.cache_ttl > Duration::from_secs(60) {
@@ -142,11 +148,16 @@ impl Config {
                 problem: "at most 60 (plan changes must be seen within a minute)".into(),
             });
         }
-        if c.client_header_timeout.is_zero() {
-            return Err(ConfigError::Invalid {
-                var: "PAYFENCE_CLIENT_HEADER_TIMEOUT_MS",
-                problem: "must be at least 1".into(),
-            });
+        for (var, value) in [
+            ("PAYFENCE_CLIENT_HEADER_TIMEOUT_MS", c.client_header_timeout),
+            ("PAYFENCE_CLIENT_BODY_TIMEOUT_MS", c.client_body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid {
+                    var,
+                    problem: "must be at least 1".into(),
+                });
+            }
         }
         for (var, value) in [
             ("PAYFENCE_DASHBOARD_RPS", c.dashboard_requests_per_second),

@@ -12,7 +12,9 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -51,6 +53,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The client stalled in the middle of its request body (local server).
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// A feature of HTTP the gateway does not implement (RFC 9110 §15.6.2).
@@ -87,6 +92,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -106,6 +112,7 @@ impl ApiError {
             Self::NotFound(_) => "not-found",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::RequestTimeout(_) => "request-timeout",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::NotImplemented(_) => "not-implemented",
             Self::TooManyRequests { .. } => "rate-limited",
@@ -170,6 +177,11 @@ impl IntoResponse for ApiError {
                 res.headers_mut()
                     .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            // The rest of the body may still come: the connection cannot be reused.
+            Self::RequestTimeout(_) => {
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         res
@@ -189,9 +201,28 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The error of a request body whose client sent nothing more of it for
+/// `Config::client_body_timeout` (the local server's bodies carry it).
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing more of the request body for {} ms", .0.as_millis())]
+pub struct BodyStalled(pub std::time::Duration);
+
+impl BodyStalled {
+    /// Did this error, or one it came from, come from a stalled body?
+    pub fn caused(e: &(dyn std::error::Error + 'static)) -> bool {
+        std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<BodyStalled>())
+    }
+
+    pub fn api_error() -> ApiError {
+        ApiError::RequestTimeout("the client stopped sending the request body".into())
+    }
+}
+
 impl From<BytesRejection> for ApiError {
     fn from(e: BytesRejection) -> Self {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if BodyStalled::caused(&e) {
+            BodyStalled::api_error()
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Self::PayloadTooLarge(format!(
                 "the request body exceeds {} KiB",
                 MAX_JSON_BODY_BYTES / 1024

@@ -2,7 +2,10 @@
 //! origin with a PayFence signature, streaming bodies both ways (never buffered,
 //! stored or logged).
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -15,15 +18,17 @@ use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, LOCATION, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, StatusCode, Uri};
+use http_body::Body as _;
 use payfence_core::domain::{elapsed_ms, now_ms, Mode, Reason};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
     bearer, bearer_token, client_ip, credential, decision_headers, problem, request_context,
-    ApiError, LogFields, RequestId, REQUEST_ID_HEADER,
+    ApiError, BodyStalled, LogFields, RequestId, REQUEST_ID_HEADER,
 };
 use payfence_core::origin::{origin_client, OriginClient};
 use payfence_core::{ids, AppState};
 use serde_json::json;
+use tokio::sync::Notify;
 
 /// Header a consumer may use for its token, so its own `Authorization` reaches the origin.
 pub const TOKEN_HEADER: &str = "x-payfence-token";
@@ -346,13 +351,27 @@ async fn handle(
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     parts.extensions = Default::default();
-    let upstream = http::Request::from_parts(parts, body);
+    // A body makes the origin's clock stop while the client is sending it.
+    let (body, clock) = if body.is_end_stream() {
+        (body, None)
+    } else {
+        let clock = Arc::new(OriginClock::new());
+        (Body::new(Clocked::new(body, clock.clone())), Some(clock))
+    };
+    let answer = st.client.request(http::Request::from_parts(parts, body));
 
     // The origin hop overlaps the commit, which the store's own thread carries out
     // whether or not `durable` is polled; nothing reaches the client before both.
     // Awaiting the commit second means no wake-up for it when it is already done
     // by the time the origin answers (see docs/performance.md).
-    let result = tokio::time::timeout(st.timeout, st.client.request(upstream)).await;
+    let result = match clock {
+        None => tokio::time::timeout(st.timeout, answer).await.ok(),
+        Some(clock) => tokio::select! {
+            biased;
+            answer = answer => Some(answer),
+            () = clock.expired(st.timeout) => None,
+        },
+    };
     durable.await?;
     log.origin_ms = Some(elapsed_ms(auth_done));
     // Failures carry the decision's headers too: the request was counted.
@@ -362,25 +381,26 @@ async fn handle(
         Ok(r)
     };
     let mut res = match result {
-        Err(_) => {
+        None => {
             tracing::warn!(site_id, "origin timed out");
             return failed(ApiError::GatewayTimeout(
                 "the origin did not answer in time".into(),
             ));
         }
+        Some(Err(e)) if BodyStalled::caused(&e) => return failed(BodyStalled::api_error()),
         // The client's body broke off or had bad chunked framing: its mistake.
-        Ok(Err(e)) if client_body_failed(&e) => {
+        Some(Err(e)) if client_body_failed(&e) => {
             return failed(ApiError::BadRequest(
                 "the request body ended early or was malformed".into(),
             ));
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             tracing::warn!(site_id, error = %e, connect = e.is_connect(), "origin unreachable");
             return failed(ApiError::BadGateway(
                 "the origin could not be reached".into(),
             ));
         }
-        Ok(Ok(res)) => res.map(Body::new),
+        Some(Ok(res)) => res.map(Body::new),
     };
     // The version is per hop: an HTTP/1.0 origin must not turn the client's
     // keep-alive HTTP/1.1 connection into one that closes after each answer.
@@ -396,6 +416,99 @@ async fn handle(
     decision_headers(res.headers_mut(), &decision);
     log.relayed = true;
     Ok(res)
+}
+
+/// The clock of `Config::origin_timeout` for a request with a body. It runs while the
+/// origin owes us something: to take the next piece of the body, which we have, or
+/// once the body is sent, its answer. It stops while we wait for the client's next
+/// piece, so a slow upload is not the origin's delay, and an origin that stops
+/// reading the body is timed out all the same.
+struct OriginClock {
+    start: Instant,
+    /// Nanoseconds after `start` since which the origin owes us, or [`CLIENT_OWES`].
+    owed_since: AtomicU64,
+    /// Signalled when the origin owes us again after the client did.
+    owing: Notify,
+}
+
+const CLIENT_OWES: u64 = u64::MAX;
+
+impl OriginClock {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            // The origin owes us from the start: a connection, then to take the body.
+            owed_since: AtomicU64::new(0),
+            owing: Notify::new(),
+        }
+    }
+
+    fn client_owes(&self) {
+        self.owed_since.store(CLIENT_OWES, Ordering::Release);
+    }
+
+    fn origin_owes(&self) {
+        let now = self.start.elapsed().as_nanos() as u64;
+        if self.owed_since.swap(now, Ordering::AcqRel) == CLIENT_OWES {
+            self.owing.notify_one();
+        }
+    }
+
+    /// Resolves once the origin has owed us something for `timeout` at a stretch.
+    /// While it keeps taking the body, the deadline moves on, seen when it is reached.
+    async fn expired(&self, timeout: Duration) {
+        loop {
+            let since = self.owed_since.load(Ordering::Acquire);
+            if since == CLIENT_OWES {
+                self.owing.notified().await;
+                continue;
+            }
+            let deadline = self.start + Duration::from_nanos(since) + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// A request body that keeps an [`OriginClock`]: the origin owes us once it is handed
+/// a piece or the end, the client while the next piece has not arrived.
+struct Clocked {
+    body: Body,
+    clock: Arc<OriginClock>,
+}
+
+impl Clocked {
+    fn new(body: Body, clock: Arc<OriginClock>) -> Self {
+        Self { body, clock }
+    }
+}
+
+impl http_body::Body for Clocked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Pending => self.clock.client_owes(),
+            Poll::Ready(Some(Ok(_)) | None) => self.clock.origin_owes(),
+            Poll::Ready(Some(Err(_))) => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Did forwarding fail because the client's own request body failed to arrive? Its

@@ -154,7 +154,10 @@ pub fn serve_origin(listener: TcpListener, verifier: payfence_signing::Verifier)
                 let mut len = 0;
                 let mut stream = body.into_data_stream();
                 while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.unwrap();
+                    // A body that broke off: nothing seen.
+                    let Ok(chunk) = chunk else {
+                        return StatusCode::BAD_REQUEST.into_response();
+                    };
                     len += chunk.len();
                     hasher.update(&chunk);
                 }
