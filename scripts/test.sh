@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite.
-# 1. Deployment gates: cfn-lint and `sam validate --lint` on template.yaml, the
-#    policy check (and its own tests), and `sam build` of every function for arm64
-#    (cargo-lambda + zig), reporting the binary sizes (SKIP_SAM_BUILD=1 skips it).
+# 1. Deployment gates: cfn-lint and `sam validate --lint` on template.yaml (and
+#    cfn-lint on waf.yaml), the policy check (and its own tests), and `sam build` of
+#    every function for arm64 (cargo-lambda + zig), reporting the binary sizes
+#    (SKIP_SAM_BUILD=1 skips it).
 # 2. A local DynamoDB-compatible server (moto, pinned, from PyPI) on a free loopback
 #    port; every Rust test (the store conformance suite against both stores, the
 #    Lambda wiring tests), each micro-benchmark once, then the black-box HTTP tests
@@ -30,7 +31,7 @@ need cfn-lint "$CFN_LINT_VERSION" "cfn-lint==$CFN_LINT_VERSION"
 need cargo-lambda "$CARGO_LAMBDA_VERSION" "cargo-lambda==$CARGO_LAMBDA_VERSION"
 
 echo "== deployment gates"
-cfn-lint template.yaml
+cfn-lint template.yaml waf.yaml
 sam validate --lint
 python3 scripts/policy_check.py
 python3 -m unittest scripts/test_policy.py
