@@ -387,11 +387,8 @@ async fn origin_unreachable_is_502_and_slow_is_504() {
     let owner = app.jwt("alice", Role::SiteOwner);
     let (l, addr) = bind_origin().await;
     drop(l);
-    let site = app.create_site(&owner, &format!("http://{addr}")).await;
-    let site_id = site["site_id"].as_str().unwrap();
-    let plan = app.create_plan(&owner, site_id, 60, 10).await;
-    let (_, token) = app.create_token(&owner, site_id, &plan).await;
-    let res = app.proxy_get(site_id, "/", &token).await;
+    let (site_id, token) = app.site_with_token(&owner, &format!("http://{addr}")).await;
+    let res = app.proxy_get(&site_id, "/", &token).await;
     assert_eq!(res.status(), 502);
     assert_eq!(
         header(&res, "content-type"),
@@ -416,6 +413,29 @@ async fn private_origins_are_refused_at_connect_time_without_the_local_flag() {
     assert_eq!(p["field"], "origin_url");
 }
 
+/// PUT `body` to `/upload` through the proxy.
+async fn upload(app: &App, site_id: &str, token: &str, body: reqwest::Body) -> reqwest::Response {
+    app.http
+        .put(app.url(&format!("/p/{site_id}/upload")))
+        .bearer_auth(token)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `pieces` pieces of 1,000 bytes, `pause` apart.
+fn paced_body(pieces: usize, pause: Duration) -> reqwest::Body {
+    reqwest::Body::wrap_stream(
+        futures_util::stream::iter(0..pieces).then(move |i| async move {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1000]))
+        }),
+    )
+}
+
 #[tokio::test]
 async fn streams_a_large_upload() {
     let app = spawn_app().await;
@@ -424,14 +444,13 @@ async fn streams_a_large_upload() {
     let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
     let stream =
         futures_util::stream::iter((0..1024).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
-    let res = app
-        .http
-        .put(app.url(&format!("/p/{}/upload", s.site_id)))
-        .bearer_auth(&s.token)
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+    let res = upload(
+        &app,
+        &s.site_id,
+        &s.token,
+        reqwest::Body::wrap_stream(stream),
+    )
+    .await;
     assert_eq!(res.status(), 200);
     assert_eq!(s.origin.last().body_len, 64 * 1024 * 1024);
 }
@@ -521,20 +540,8 @@ async fn silent_stalled_and_idle_connections_are_closed_but_slow_bodies_are_not(
     assert!(closed_within(conn).await, "an idle connection stayed open");
 
     // The limit is on headers only: a body with pauses longer than it streams through.
-    let chunks = futures_util::stream::iter(0..3).then(|i| async move {
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1000]))
-    });
-    let res = app
-        .http
-        .put(app.url(&format!("/p/{}/upload", s.site_id)))
-        .bearer_auth(&s.token)
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let body = paced_body(3, Duration::from_millis(500));
+    let res = upload(&app, &s.site_id, &s.token, body).await;
     assert_eq!(res.status(), 200);
     assert_eq!(s.origin.last().body_len, 3000);
 }
@@ -750,10 +757,7 @@ async fn an_http_1_0_origin_keeps_the_clients_connection_alive() {
             });
         }
     });
-    let site = app.create_site(&owner, &format!("http://{addr}")).await;
-    let site_id = site["site_id"].as_str().unwrap();
-    let plan = app.create_plan(&owner, site_id, 60, 10).await;
-    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+    let (site_id, token) = app.site_with_token(&owner, &format!("http://{addr}")).await;
 
     // Two requests on one client connection: both answered in HTTP/1.1.
     let conn = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
@@ -846,13 +850,10 @@ async fn streams_the_origins_answer_as_it_comes() {
         }
     });
     tokio::spawn(async move { axum::serve(listener, origin).await.unwrap() });
-    let site = app.create_site(&owner, &format!("http://{addr}")).await;
-    let site_id = site["site_id"].as_str().unwrap();
-    let plan = app.create_plan(&owner, site_id, 60, 10).await;
-    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+    let (site_id, token) = app.site_with_token(&owner, &format!("http://{addr}")).await;
 
     let first_chunk = async {
-        let mut res = app.proxy_get(site_id, "/events", &token).await;
+        let mut res = app.proxy_get(&site_id, "/events", &token).await;
         assert_eq!(res.status(), 200);
         let first = res.chunk().await.unwrap().unwrap();
         (res, first)
@@ -879,20 +880,8 @@ async fn the_origins_timeout_waits_for_a_slow_upload_but_not_for_an_origin_that_
     let s = app.setup(600, 1000).await;
     // The test origin answers once it has the whole body; the body takes 1.2 s, more
     // than the origin's 500 ms, but the origin's clock runs only while it owes us.
-    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1000]))
-    });
-    let res = app
-        .http
-        .put(app.url(&format!("/p/{}/upload", s.site_id)))
-        .bearer_auth(&s.token)
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let body = paced_body(5, Duration::from_millis(300));
+    let res = upload(&app, &s.site_id, &s.token, body).await;
     assert_eq!(res.status(), 200);
     assert_eq!(s.origin.last().body_len, 5000);
 
@@ -907,23 +896,15 @@ async fn the_origins_timeout_waits_for_a_slow_upload_but_not_for_an_origin_that_
             conns.push(conn);
         }
     });
-    let site = app.create_site(&owner, &format!("http://{addr}")).await;
-    let site_id = site["site_id"].as_str().unwrap();
-    let plan = app.create_plan(&owner, site_id, 60, 10).await;
-    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+    let (site_id, token) = app.site_with_token(&owner, &format!("http://{addr}")).await;
     let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
     let endless = futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
     let res = tokio::time::timeout(
         Duration::from_secs(20),
-        app.http
-            .put(app.url(&format!("/p/{site_id}/upload")))
-            .bearer_auth(&token)
-            .body(reqwest::Body::wrap_stream(endless))
-            .send(),
+        upload(&app, &site_id, &token, reqwest::Body::wrap_stream(endless)),
     )
     .await
     .expect("an origin that stops reading is timed out");
-    let res = res.unwrap();
     assert_eq!(res.status(), 504);
     assert_rate_headers(&res);
     held.abort();
@@ -985,10 +966,7 @@ async fn a_client_that_stops_reading_loses_its_connection_and_the_origin_is_let_
         }
     });
     tokio::spawn(async move { axum::serve(listener, origin).await.unwrap() });
-    let site = app.create_site(&owner, &format!("http://{addr}")).await;
-    let site_id = site["site_id"].as_str().unwrap();
-    let plan = app.create_plan(&owner, site_id, 60, 10).await;
-    let (_, token) = app.create_token(&owner, site_id, &plan).await;
+    let (site_id, token) = app.site_with_token(&owner, &format!("http://{addr}")).await;
 
     let mut conn = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
         .await

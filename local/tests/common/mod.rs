@@ -320,6 +320,16 @@ impl App {
             .into()
     }
 
+    /// A site in front of `origin_url` with a plan (60 a minute, 10 a month) and a
+    /// token: the site id and the token.
+    pub async fn site_with_token(&self, jwt: &str, origin_url: &str) -> (String, String) {
+        let site = self.create_site(jwt, origin_url).await;
+        let site_id = site["site_id"].as_str().unwrap().to_owned();
+        let plan = self.create_plan(jwt, &site_id, 60, 10).await;
+        let (_, token) = self.create_token(jwt, &site_id, &plan).await;
+        (site_id, token)
+    }
+
     /// Owner `alice` with a site in front of a verifying origin, a plan and a token.
     pub async fn setup(&self, rpm: u64, quota: u64) -> Setup {
         let owner = self.jwt("alice", Role::SiteOwner);
