@@ -207,12 +207,12 @@ impl From<StoreError> for ApiError {
 #[error("the client sent nothing more of the request body for {} ms", .0.as_millis())]
 pub struct BodyStalled(pub std::time::Duration);
 
-impl BodyStalled {
-    /// Did this error, or one it came from, come from a stalled body?
-    pub fn caused(e: &(dyn std::error::Error + 'static)) -> bool {
-        std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<BodyStalled>())
-    }
+/// Is `e`, or an error it came from (its sources), a `T`?
+pub fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<T>())
+}
 
+impl BodyStalled {
     pub fn api_error() -> ApiError {
         ApiError::RequestTimeout("the client stopped sending the request body".into())
     }
@@ -220,7 +220,7 @@ impl BodyStalled {
 
 impl From<BytesRejection> for ApiError {
     fn from(e: BytesRejection) -> Self {
-        if BodyStalled::caused(&e) {
+        if caused_by::<BodyStalled>(&e) {
             BodyStalled::api_error()
         } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Self::PayloadTooLarge(format!(

@@ -22,8 +22,8 @@ use http_body::Body as _;
 use payfence_core::domain::{elapsed_ms, now_ms, Mode, Reason};
 use payfence_core::gateway::{AuthorizeRequest, Decision};
 use payfence_core::http::{
-    bearer, bearer_token, client_ip, credential, decision_headers, problem, request_context,
-    ApiError, BodyStalled, LogFields, RequestId, REQUEST_ID_HEADER,
+    bearer, bearer_token, caused_by, client_ip, credential, decision_headers, problem,
+    request_context, ApiError, BodyStalled, LogFields, RequestId, REQUEST_ID_HEADER,
 };
 use payfence_core::origin::{origin_client, OriginClient};
 use payfence_core::{ids, AppState};
@@ -356,7 +356,11 @@ async fn handle(
         (body, None)
     } else {
         let clock = Arc::new(OriginClock::new());
-        (Body::new(Clocked::new(body, clock.clone())), Some(clock))
+        let clocked = Clocked {
+            body,
+            clock: clock.clone(),
+        };
+        (Body::new(clocked), Some(clock))
     };
     let answer = st.client.request(http::Request::from_parts(parts, body));
 
@@ -387,9 +391,10 @@ async fn handle(
                 "the origin did not answer in time".into(),
             ));
         }
-        Some(Err(e)) if BodyStalled::caused(&e) => return failed(BodyStalled::api_error()),
-        // The client's body broke off or had bad chunked framing: its mistake.
-        Some(Err(e)) if client_body_failed(&e) => {
+        Some(Err(e)) if caused_by::<BodyStalled>(&e) => return failed(BodyStalled::api_error()),
+        // The client's body broke off or had bad chunked framing: its mistake. Its
+        // errors are `axum::Error`s, which the client's error carries as a source.
+        Some(Err(e)) if caused_by::<axum::Error>(&e) => {
             return failed(ApiError::BadRequest(
                 "the request body ended early or was malformed".into(),
             ));
@@ -479,12 +484,6 @@ struct Clocked {
     clock: Arc<OriginClock>,
 }
 
-impl Clocked {
-    fn new(body: Body, clock: Arc<OriginClock>) -> Self {
-        Self { body, clock }
-    }
-}
-
 impl http_body::Body for Clocked {
     type Data = axum::body::Bytes;
     type Error = axum::Error;
@@ -509,12 +508,6 @@ impl http_body::Body for Clocked {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
-}
-
-/// Did forwarding fail because the client's own request body failed to arrive? Its
-/// errors are `axum::Error`s, which the client's error carries as a source.
-fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<axum::Error>())
 }
 
 /// A redirect into the origin (absolute, or a path on it) pointed at the same place
