@@ -265,16 +265,17 @@ impl Stall {
 
     /// We wait (again): has the wait lasted `timeout`? If not, `cx` is woken when it has.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let sleep = match &mut self.deadline {
             Some(sleep) if self.waiting => sleep,
             Some(sleep) => {
-                sleep.as_mut().reset(deadline);
+                sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.timeout);
                 sleep
             }
             None => self
                 .deadline
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                .insert(Box::pin(tokio::time::sleep(self.timeout))),
         };
         self.waiting = true;
         sleep.as_mut().poll(cx).is_ready()

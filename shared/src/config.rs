@@ -148,22 +148,22 @@ impl Config {
                 problem: "at most 60 (plan changes must be seen within a minute)".into(),
             });
         }
-        for (var, value) in [
-            ("PAYFENCE_CLIENT_HEADER_TIMEOUT_MS", c.client_header_timeout),
-            ("PAYFENCE_CLIENT_BODY_TIMEOUT_MS", c.client_body_timeout),
+        for (var, zero) in [
+            (
+                "PAYFENCE_CLIENT_HEADER_TIMEOUT_MS",
+                c.client_header_timeout.is_zero(),
+            ),
+            (
+                "PAYFENCE_CLIENT_BODY_TIMEOUT_MS",
+                c.client_body_timeout.is_zero(),
+            ),
+            (
+                "PAYFENCE_DASHBOARD_RPS",
+                c.dashboard_requests_per_second == 0,
+            ),
+            ("PAYFENCE_HEALTH_RPS", c.health_requests_per_second == 0),
         ] {
-            if value.is_zero() {
-                return Err(ConfigError::Invalid {
-                    var,
-                    problem: "must be at least 1".into(),
-                });
-            }
-        }
-        for (var, value) in [
-            ("PAYFENCE_DASHBOARD_RPS", c.dashboard_requests_per_second),
-            ("PAYFENCE_HEALTH_RPS", c.health_requests_per_second),
-        ] {
-            if value == 0 {
+            if zero {
                 return Err(ConfigError::Invalid {
                     var,
                     problem: "must be at least 1".into(),
