@@ -34,7 +34,7 @@ echo "== deployment gates"
 cfn-lint template.yaml waf.yaml
 sam validate --lint
 python3 scripts/policy_check.py
-python3 -m unittest scripts/test_policy.py
+python3 -m unittest scripts/test_policy.py scripts/test_signing_doc.py
 if [ "${SKIP_SAM_BUILD:-0}" != 1 ]; then
   rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1 || true
   # cargo-lambda builds in the clone's own target/ (where SAM picks the binaries up).
