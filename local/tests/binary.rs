@@ -237,6 +237,191 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
 }
 
+/// One JSON line per request on stderr, with the fields the runbooks query, under
+/// the response's request id; a line for each dashboard change; no key twice in a
+/// line; and no query, token, key, JWT or address anywhere in the logs.
+#[tokio::test]
+async fn log_lines_carry_their_fields_and_nothing_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let http = client();
+    let jwt = dev_token(dir.path(), "alice", "site_owner");
+    let (site, token, _origin) = provision(&http, &server.base, &jwt).await;
+    let (base, site_id) = (&server.base, site["site_id"].as_str().unwrap());
+    let key: Value = http
+        .post(format!("{base}/api/sites/{site_id}/api-keys"))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().unwrap();
+    let secret = "QUERYVALUE4711";
+
+    let mut ids = Vec::new();
+    let mut sent = |res: reqwest::Response, status: u16| {
+        assert_eq!(res.status(), status, "{}", res.url());
+        ids.push(header(&res, "x-payfence-request-id").unwrap().to_owned());
+        res
+    };
+    let proxied = format!("{base}/p/{site_id}/v1/flights?card={secret}");
+    sent(
+        http.get(&proxied).bearer_auth(&token).send().await.unwrap(),
+        200,
+    );
+    let bad = format!("pf_live_{}", "A".repeat(43));
+    sent(
+        http.get(&proxied).bearer_auth(&bad).send().await.unwrap(),
+        401,
+    );
+    let decided: Value = sent(
+        http.post(format!("{base}/v1/authorize"))
+            .bearer_auth(key)
+            .json(&json!({"token": token, "method": "GET", "path": format!("/v1/a?card={secret}")}))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .json()
+    .await
+    .unwrap();
+    let token_id = decided["token_id"].as_str().unwrap();
+    let plans = format!("{base}/api/sites/{site_id}/plans");
+    sent(
+        http.get(&plans).bearer_auth(&jwt).send().await.unwrap(),
+        200,
+    );
+    sent(http.get(&plans).send().await.unwrap(), 401);
+    sent(
+        http.get(format!("{base}/api/health")).send().await.unwrap(),
+        200,
+    );
+
+    // The lines are written in batches: wait for the last one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let logs = loop {
+        let logs = server.stderr.lock().unwrap().clone();
+        if logs.contains(ids.last().unwrap().as_str()) || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            for k in v.as_object().unwrap().keys() {
+                // A quoted key followed by `:` can only be a key (a value's quotes are escaped).
+                assert_eq!(l.matches(&format!("\"{k}\":")).count(), 1, "{k} twice: {l}");
+            }
+            v
+        })
+        .collect();
+    let line = |id: &str| {
+        let mine: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["target"] == "payfence::request" && l["request_id"] == id)
+            .collect();
+        assert_eq!(mine.len(), 1, "one line for request {id}");
+        mine[0].clone()
+    };
+    let numbers = |l: &Value, fields: &[&str]| {
+        for f in fields {
+            assert!(l[f].as_f64().is_some_and(|ms| ms >= 0.0), "{f}: {l}");
+        }
+    };
+    let absent = |l: &Value, fields: &[&str]| {
+        for f in fields {
+            assert!(l.get(f).is_none(), "{f}: {l}");
+        }
+    };
+
+    let allowed = line(&ids[0]);
+    assert_eq!(allowed["level"], "INFO");
+    assert_eq!(allowed["method"], "GET");
+    assert_eq!(allowed["route"], "/p/{site_id}/{*rest}");
+    assert_eq!(allowed["status"], 200);
+    assert_eq!(allowed["site_id"], site_id);
+    assert_eq!(allowed["token_id"], token_id);
+    assert_eq!(allowed["decision"], "allow");
+    numbers(&allowed, &["auth_ms", "origin_ms", "total_ms"]);
+    absent(&allowed, &["reason"]);
+
+    let denied = line(&ids[1]);
+    assert_eq!(denied["status"], 401);
+    assert_eq!(denied["site_id"], site_id);
+    assert_eq!(
+        (&denied["decision"], &denied["reason"]),
+        (&json!("deny"), &json!("invalid_token"))
+    );
+    numbers(&denied, &["auth_ms", "total_ms"]);
+    absent(&denied, &["token_id", "origin_ms"]);
+
+    let authorized = line(&ids[2]);
+    assert_eq!(authorized["route"], "/v1/authorize");
+    assert_eq!(authorized["site_id"], site_id);
+    assert_eq!(authorized["token_id"], token_id);
+    assert_eq!(authorized["decision"], "allow");
+    numbers(&authorized, &["auth_ms", "total_ms"]);
+
+    for (i, status) in [(3, 200), (4, 401)] {
+        let dashboard = line(&ids[i]);
+        assert_eq!(dashboard["route"], "/api/sites/{site_id}/plans");
+        assert_eq!(dashboard["status"], status);
+        assert_eq!(
+            dashboard["site_id"], site_id,
+            "the site a dashboard call is about"
+        );
+        numbers(&dashboard, &["total_ms"]);
+        absent(&dashboard, &["decision", "token_id"]);
+    }
+    let health = line(&ids[5]);
+    assert_eq!(
+        (&health["route"], &health["status"]),
+        (&json!("/api/health"), &json!(200))
+    );
+    absent(&health, &["site_id"]);
+
+    let changes: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "payfence::admin")
+        .collect();
+    let actions: Vec<&str> = changes
+        .iter()
+        .map(|l| l["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "site.create",
+            "plan.create",
+            "token.create",
+            "api_key.create"
+        ]
+    );
+    for change in &changes {
+        assert_eq!(
+            (&change["actor"], &change["site_id"]),
+            (&json!("alice"), &json!(site_id))
+        );
+    }
+    assert_eq!(changes[2]["target_id"], token_id, "what was changed");
+
+    for needle in [
+        secret,
+        token.as_str(),
+        bad.as_str(),
+        key,
+        jwt.as_str(),
+        "127.0.0.1",
+    ] {
+        assert!(!logs.contains(needle), "{needle} reached the logs");
+    }
+}
+
 /// Killed hard in the middle of a load: every decision a client was told of is
 /// there after the restart, counted and in the audit log, and nothing more than was
 /// sent. (A process crash: it shows that no answer goes out before its decision is in

@@ -20,7 +20,7 @@ use payfence_core::domain::{
     DecisionKind, Mode, Plan, Reason, Site, Token,
 };
 use payfence_core::http::{
-    bearer, json, per_second_limit, request_context, ApiError, ApiJson, ApiPath,
+    bearer, json, per_second_limit, request_context, ApiError, ApiJson, ApiPath, LogFields,
     MAX_JSON_BODY_BYTES,
 };
 use payfence_core::limits::{self, period_end_unix, period_of};
@@ -102,8 +102,25 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 }
 
 /// Verify the JWT, apply the per-user rate limit, and put the [`Principal`] in
-/// the request for handlers.
-async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+/// the request for handlers. The request's log line names the site it is about.
+async fn authenticate(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let site_id = req
+        .uri()
+        .path()
+        .strip_prefix("/api/sites/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| ids::is_id(id, "site_"))
+        .map(str::to_owned);
+    let mut res = authenticated(st, req, next).await;
+    if site_id.is_some() {
+        res.extensions_mut()
+            .get_or_insert_default::<LogFields>()
+            .site_id = site_id;
+    }
+    res
+}
+
+async fn authenticated(st: AppState, mut req: Request, next: Next) -> Response {
     let Some(verifier) = st.jwt.clone() else {
         return ApiError::Internal("dashboard started without a JWT verifier".into())
             .into_response();
@@ -171,7 +188,8 @@ async fn trail(
             owner: Some(site.owner.clone()),
         })
         .await?;
-    tracing::info!(target: "payfence::admin", actor = %p.sub, action, site_id, target, "admin change");
+    // `target_id`: a field named `target` would repeat the JSON line's own `target` key.
+    tracing::info!(target: "payfence::admin", actor = %p.sub, action, site_id, target_id = target, "admin change");
     Ok(())
 }
 
