@@ -137,13 +137,22 @@ struct JsonFields<'a, 'w> {
     result: fmt::Result,
 }
 
+/// Keys every line writes itself. A field of the same name is written as
+/// `field_<name>`, so that no key appears twice in a line (a JSON reader would keep
+/// only one of them).
+const LINE_KEYS: [&str; 3] = ["timestamp", "level", "target"];
+
 impl JsonFields<'_, '_> {
     fn put(&mut self, field: &Field, value: impl FnOnce(&mut format::Writer<'_>) -> fmt::Result) {
         if self.result.is_ok() {
+            let name = field.name();
             self.result = self
                 .w
                 .write_char(',')
-                .and_then(|()| json_str(self.w, field.name()))
+                .and_then(|()| match LINE_KEYS.contains(&name) {
+                    true => json_fmt(self.w, format_args!("field_{name}")),
+                    false => json_str(self.w, name),
+                })
                 .and_then(|()| self.w.write_char(':'))
                 .and_then(|()| value(self.w));
         }
@@ -424,6 +433,36 @@ mod tests {
             v
         };
         assert_eq!(without_time(fast), without_time(stock));
+    }
+
+    #[test]
+    fn a_field_named_as_a_key_of_the_line_is_renamed() {
+        let sink = Sink::default();
+        let dispatch = tracing_subscriber::fmt()
+            .event_format(JsonLine)
+            .with_writer({
+                let sink = sink.clone();
+                move || sink.clone()
+            })
+            .finish()
+            .into();
+        tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info!(target: "payfence::test", target = "plan_1", level = 3u64, timestamp = "t", "m");
+        });
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        for key in ["timestamp", "level", "target", "message"] {
+            assert_eq!(
+                out.matches(&format!("\"{key}\":")).count(),
+                1,
+                "{key}: {out}"
+            );
+        }
+        let line: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(line["target"], "payfence::test");
+        assert_eq!(line["field_target"], "plan_1");
+        assert_eq!(line["field_level"], 3);
+        assert_eq!(line["field_timestamp"], "t");
+        assert_eq!(line["level"], "INFO");
     }
 
     #[test]
