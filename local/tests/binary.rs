@@ -248,15 +248,13 @@ async fn log_lines_carry_their_fields_and_nothing_secret() {
     let jwt = dev_token(dir.path(), "alice", "site_owner");
     let (site, token, _origin) = provision(&http, &server.base, &jwt).await;
     let (base, site_id) = (&server.base, site["site_id"].as_str().unwrap());
-    let key: Value = http
-        .post(format!("{base}/api/sites/{site_id}/api-keys"))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key = post_json(
+        &http,
+        &format!("{base}/api/sites/{site_id}/api-keys"),
+        &jwt,
+        &json!({}),
+    )
+    .await;
     let key = key["key"].as_str().unwrap();
     let secret = "QUERYVALUE4711";
 

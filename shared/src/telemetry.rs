@@ -384,10 +384,27 @@ mod tests {
         assert_eq!(next, [5_000; 4]);
     }
 
-    /// One event through `format`, as parsed JSON.
-    fn log_line(format: impl FnOnce(Sink) -> tracing::Dispatch) -> serde_json::Value {
+    /// What `emit` logs through `format`: one line.
+    fn one_line(format: impl FnOnce(Sink) -> tracing::Dispatch, emit: impl FnOnce()) -> String {
         let sink = Sink::default();
-        tracing::dispatcher::with_default(&format(sink.clone()), || {
+        tracing::dispatcher::with_default(&format(sink.clone()), emit);
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        out
+    }
+
+    /// PayFence's own format.
+    fn json_line(sink: Sink) -> tracing::Dispatch {
+        tracing_subscriber::fmt()
+            .event_format(JsonLine)
+            .with_writer(move || sink.clone())
+            .finish()
+            .into()
+    }
+
+    /// One event with fields of every kind through `format`, as parsed JSON.
+    fn log_line(format: impl FnOnce(Sink) -> tracing::Dispatch) -> serde_json::Value {
+        let out = one_line(format, || {
             tracing::info!(
                 target: "payfence::test",
                 text = "say \"hi\"\n\t\\ \u{1} é",
@@ -402,8 +419,6 @@ mod tests {
                 "a message with {}", "arguments"
             );
         });
-        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(out.lines().count(), 1, "{out}");
         serde_json::from_str(&out).unwrap()
     }
 
@@ -418,13 +433,7 @@ mod tests {
                 .finish()
                 .into()
         });
-        let fast = log_line(|sink| {
-            tracing_subscriber::fmt()
-                .event_format(JsonLine)
-                .with_writer(move || sink.clone())
-                .finish()
-                .into()
-        });
+        let fast = log_line(json_line);
         let ts = fast["timestamp"].as_str().unwrap();
         assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok(), "{ts}");
         assert_eq!(ts.len(), stock["timestamp"].as_str().unwrap().len(), "{ts}");
@@ -437,19 +446,9 @@ mod tests {
 
     #[test]
     fn a_field_named_as_a_key_of_the_line_is_renamed() {
-        let sink = Sink::default();
-        let dispatch = tracing_subscriber::fmt()
-            .event_format(JsonLine)
-            .with_writer({
-                let sink = sink.clone();
-                move || sink.clone()
-            })
-            .finish()
-            .into();
-        tracing::dispatcher::with_default(&dispatch, || {
+        let out = one_line(json_line, || {
             tracing::info!(target: "payfence::test", target = "plan_1", level = 3u64, timestamp = "t", "m");
         });
-        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         for key in ["timestamp", "level", "target", "message"] {
             assert_eq!(
                 out.matches(&format!("\"{key}\":")).count(),
