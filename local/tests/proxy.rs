@@ -436,6 +436,59 @@ fn paced_body(pieces: usize, pause: Duration) -> reqwest::Body {
     )
 }
 
+/// `Expect: 100-continue` (curl sends it with bodies over 1 MB): a denied request is
+/// answered at once, before its body is sent; an allowed one is told `100 Continue`,
+/// and then its whole body reaches the origin.
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let body = vec![b'x'; 100_000];
+    let send_head = |token: String| {
+        let head = format!(
+            "PUT /p/{}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            s.site_id,
+            body.len()
+        );
+        let addr = app.base.trim_start_matches("http://").to_owned();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream
+        }
+    };
+    // One answer's head, read byte by byte so that nothing after it is taken.
+    async fn answer_head(stream: &mut tokio::net::TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte));
+            assert_eq!(read.await.expect("an answer without the body").unwrap(), 1);
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    let mut denied = send_head(format!("pf_live_{}", "A".repeat(43))).await;
+    let head = answer_head(&mut denied).await;
+    assert!(head.starts_with("HTTP/1.1 401 "), "{head}");
+    assert_eq!(s.origin.count(), 0);
+
+    let mut allowed = send_head(s.token.clone()).await;
+    assert_eq!(
+        answer_head(&mut allowed).await,
+        "HTTP/1.1 100 Continue\r\n\r\n"
+    );
+    allowed.write_all(&body).await.unwrap();
+    let head = answer_head(&mut allowed).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.contains("x-ratelimit-remaining: 599\r\n"), "{head}");
+    assert_eq!(s.origin.count(), 1);
+    assert_eq!(s.origin.last().body_len, body.len());
+}
+
 #[tokio::test]
 async fn streams_a_large_upload() {
     let app = spawn_app().await;
