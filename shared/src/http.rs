@@ -207,15 +207,15 @@ impl From<StoreError> for ApiError {
 #[error("the client sent nothing more of the request body for {} ms", .0.as_millis())]
 pub struct BodyStalled(pub std::time::Duration);
 
-/// Is `e`, or an error it came from (its sources), a `T`?
-pub fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<T>())
-}
-
 impl BodyStalled {
     pub fn api_error() -> ApiError {
         ApiError::RequestTimeout("the client stopped sending the request body".into())
     }
+}
+
+/// Is `e`, or an error it came from (its sources), a `T`?
+pub fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<T>())
 }
 
 impl From<BytesRejection> for ApiError {
