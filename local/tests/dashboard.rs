@@ -798,6 +798,148 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     assert_eq!(trail["items"][0]["target"], s.plan_id.as_str());
 }
 
+/// `n` creations of `body` at `path`, eight at a time, each expected to be `201`.
+async fn create_many(app: &App, jwt: &str, path: &str, n: usize, body: Value) {
+    use futures_util::StreamExt;
+    let created: Vec<u16> = futures_util::stream::iter(0..n)
+        .map(|_| async { app.post(jwt, path, body.clone()).await.status().as_u16() })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert_eq!(created, vec![201; n], "{path}");
+}
+
+#[tokio::test]
+async fn sites_plans_and_active_api_keys_are_capped_with_a_409_that_changes_nothing() {
+    let app = spawn_app_with(Config {
+        dashboard_requests_per_second: 100_000,
+        ..test_config()
+    })
+    .await;
+    let s = app.setup(600, 1000).await;
+    let site = format!("/api/sites/{}", s.site_id);
+    let count = |path: String| {
+        let app = &app;
+        let owner = s.owner.clone();
+        async move {
+            let v: Value = app.get_json(&owner, &path).await;
+            v["items"].as_array().unwrap().len()
+        }
+    };
+    let refused = |res: reqwest::Response, detail: &'static str| async move {
+        assert_eq!(res.status(), 409);
+        let p: Value = res.json().await.unwrap();
+        assert!(p["type"].as_str().unwrap().ends_with("conflict"), "{p}");
+        assert_eq!(p["detail"], detail);
+    };
+
+    // Plans: 100 a site.
+    let plan = json!({"name": "extra", "requests_per_minute": 60, "monthly_quota": 10});
+    create_many(&app, &s.owner, &format!("{site}/plans"), 99, plan.clone()).await;
+    let res = app
+        .post(&s.owner, &format!("{site}/plans"), plan.clone())
+        .await;
+    refused(
+        res,
+        "this site has 100 plans, the most allowed: delete one first",
+    )
+    .await;
+    assert_eq!(count(format!("{site}/plans")).await, 100);
+    let plans: Value = app.get_json(&s.owner, &format!("{site}/plans")).await;
+    let spare = plans["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["plan_id"].as_str().unwrap())
+        .find(|id| *id != s.plan_id)
+        .unwrap();
+    let res = app
+        .http
+        .delete(app.url(&format!("{site}/plans/{spare}")))
+        .bearer_auth(&s.owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(
+        app.post(&s.owner, &format!("{site}/plans"), plan)
+            .await
+            .status(),
+        201
+    );
+    // Tokens are not capped: they are paged.
+    app.create_token(&s.owner, &s.site_id, &s.plan_id).await;
+
+    // API keys: 20 active a site; a revoked one makes room, and the rest still work.
+    create_many(&app, &s.owner, &format!("{site}/api-keys"), 19, json!({})).await;
+    let key = app.create_key(&s.owner, &s.site_id).await;
+    let res = app
+        .post(&s.owner, &format!("{site}/api-keys"), json!({}))
+        .await;
+    refused(
+        res,
+        "this site has 20 active API keys, the most allowed: revoke one first",
+    )
+    .await;
+    let keys: Value = app.get_json(&s.owner, &format!("{site}/api-keys")).await;
+    let keys = keys["items"].as_array().unwrap();
+    assert_eq!(keys.len(), 20);
+    let other = keys
+        .iter()
+        .find(|k| !key.starts_with(k["prefix"].as_str().unwrap()));
+    let other = other.unwrap()["key_id"].as_str().unwrap();
+    let res = app
+        .http
+        .delete(app.url(&format!("{site}/api-keys/{other}")))
+        .bearer_auth(&s.owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    app.create_key(&s.owner, &s.site_id).await;
+    assert_eq!(
+        count(format!("{site}/api-keys")).await,
+        21,
+        "revoked ones are listed"
+    );
+    let body = json!({"token": s.token, "method": "GET", "path": "/"});
+    assert_eq!(app.authorize(&key, body).await.status(), 200);
+
+    // Sites: 100 a user; another user is not held back by it.
+    let new_site = json!({"name": "More", "origin_url": s.origin.url()});
+    create_many(&app, &s.owner, "/api/sites", 99, new_site.clone()).await;
+    let res = app.post(&s.owner, "/api/sites", new_site.clone()).await;
+    refused(res, "you own 100 sites, the most allowed: delete one first").await;
+    assert_eq!(count("/api/sites".into()).await, 100);
+    let bob = app.jwt("bob", Role::SiteOwner);
+    assert_eq!(
+        app.post(&bob, "/api/sites", new_site.clone())
+            .await
+            .status(),
+        201
+    );
+    let delete = app.http.delete(app.url(&site)).bearer_auth(&s.owner).send();
+    assert_eq!(delete.await.unwrap().status(), 204);
+    assert_eq!(
+        app.post(&s.owner, "/api/sites", new_site).await.status(),
+        201
+    );
+
+    // A refused creation leaves no entry in the audit trail.
+    let trail: Value = app.get_json(&s.owner, "/api/audit-trail?limit=1000").await;
+    let created = |action: &str| {
+        trail["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .count()
+    };
+    assert_eq!(created("site.create"), 101);
+    assert_eq!(created("plan.create"), 101);
+    assert_eq!(created("api_key.create"), 21);
+}
+
 #[tokio::test]
 async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
     let app = spawn_app().await;

@@ -211,6 +211,25 @@ fn site_view(s: &Site) -> Value {
     })
 }
 
+/// The most sites one user may own, plans one site may have, and unrevoked API keys
+/// one site may hold: far above real use, and a bound on the lists that come whole
+/// (`GET /api/sites`, `…/plans`, `…/api-keys`). Counted before a creation, so
+/// creations made at the same moment can together pass a limit.
+const MAX_SITES_PER_OWNER: usize = 100;
+const MAX_PLANS_PER_SITE: usize = 100;
+const MAX_ACTIVE_KEYS_PER_SITE: usize = 20;
+
+/// `409` once `count` has reached `max`: "{holder} {count} {what}, the most
+/// allowed: {fix} one first".
+fn room_for(holder: &str, count: usize, what: &str, max: usize, fix: &str) -> Result<(), ApiError> {
+    if count < max {
+        return Ok(());
+    }
+    Err(ApiError::Conflict(format!(
+        "{holder} {count} {what}, the most allowed: {fix} one first"
+    )))
+}
+
 fn check_range(field: &str, v: u64, min: u64, max: u64) -> Result<u64, ApiError> {
     if (min..=max).contains(&v) {
         Ok(v)
@@ -281,6 +300,8 @@ async fn create_site(
         secret_query_params: b.secret_query_params,
     }
     .apply(&st, &mut site)?;
+    let owned = st.store().list_sites(Some(&p.sub)).await?.len();
+    room_for("you own", owned, "sites", MAX_SITES_PER_OWNER, "delete")?;
     st.store().create_site(&site).await?;
     trail(&st, &p, "site.create", &site, None).await?;
     let mut v = site_view(&site);
@@ -585,6 +606,14 @@ async fn create_plan(
         updated_at: now,
         revision: 0,
     };
+    let plans = st.store().list_plans(&site_id).await?.len();
+    room_for(
+        "this site has",
+        plans,
+        "plans",
+        MAX_PLANS_PER_SITE,
+        "delete",
+    )?;
     st.store().create_plan(&plan).await?;
     trail(&st, &p, "plan.create", &site, Some(&plan.plan_id)).await?;
     Ok(json(StatusCode::CREATED, &plan_view(&plan)))
@@ -822,6 +851,15 @@ async fn create_key(
     ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
+    let keys = st.store().list_keys(&site_id).await?;
+    let active = keys.iter().filter(|k| k.revoked_at.is_none()).count();
+    room_for(
+        "this site has",
+        active,
+        "active API keys",
+        MAX_ACTIVE_KEYS_PER_SITE,
+        "revoke",
+    )?;
     let secret = ids::api_key();
     let key = ApiKey {
         key_id: ids::key_id(),
