@@ -133,6 +133,38 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     assert_eq!(items[0]["token_id"], tok["token_id"]);
     assert_eq!(items[0]["usage"]["used"], 1);
     assert!(items[0].get("token").is_none());
+    // Each of several tokens comes with its own usage.
+    let res = app
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/tokens", s.site_id),
+            json!({"plan_id": s.plan_id, "consumer": "carol"}),
+        )
+        .await;
+    let second: Value = res.json().await.unwrap();
+    for _ in 0..3 {
+        app.proxy_get(&s.site_id, "/", second["token"].as_str().unwrap())
+            .await;
+    }
+    let mine: Value = app.get_json(&carol, "/api/me/tokens").await;
+    let mut used: Vec<(String, u64)> = mine["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["token_id"].as_str().unwrap().into(),
+                t["usage"]["used"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    used.sort();
+    let mut expected = vec![
+        (tok["token_id"].as_str().unwrap().to_owned(), 1),
+        (second["token_id"].as_str().unwrap().to_owned(), 3),
+    ];
+    expected.sort();
+    assert_eq!(used, expected);
 
     // The admin trail recorded who did what.
     let trail: Value = app.get_json(&admin, "/api/audit-trail").await;

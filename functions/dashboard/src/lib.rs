@@ -1174,11 +1174,15 @@ async fn list_events(
 
 /// A consumer's own tokens (any role may call it for the tokens assigned to it).
 async fn my_tokens(State(st): State<AppState>, Extension(p): P) -> ApiResult {
+    use futures_util::{StreamExt, TryStreamExt};
     let tokens = st.store().list_consumer_tokens(&p.sub).await?;
-    let mut items = Vec::with_capacity(tokens.len());
-    for t in &tokens {
-        items.push(token_with_usage(&st, t).await?);
-    }
+    // Each token's usage is two store reads: sixteen tokens' at a time, in order.
+    let st = &st;
+    let items: Vec<Value> = futures_util::stream::iter(tokens)
+        .map(|t| async move { token_with_usage(st, &t).await })
+        .buffered(16)
+        .try_collect()
+        .await?;
     Ok(json(StatusCode::OK, &json!({"items": items})))
 }
 
