@@ -188,12 +188,11 @@ async fn bad_keys_and_bodies_are_clear_4xx() {
         .await;
     let key_id = keys["items"][0]["key_id"].as_str().unwrap();
     let res = app
-        .http
-        .delete(app.url(&format!("/api/sites/{}/api-keys/{key_id}", s.site_id)))
-        .bearer_auth(&s.owner)
-        .send()
-        .await
-        .unwrap();
+        .delete(
+            &s.owner,
+            &format!("/api/sites/{}/api-keys/{key_id}", s.site_id),
+        )
+        .await;
     assert_eq!(res.status(), 204);
     let res = app
         .authorize(

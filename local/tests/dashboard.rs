@@ -83,12 +83,11 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         );
     }
     let res = app
-        .http
-        .delete(app.url(&format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id)))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap();
+        .delete(
+            &bob,
+            &format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id),
+        )
+        .await;
     assert_eq!(res.status(), 404);
     let bobs: Value = app.get_json(&bob, "/api/sites").await;
     assert_eq!(bobs["items"].as_array().unwrap().len(), 0);
@@ -794,9 +793,8 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     let plan = format!("/api/sites/{}/plans/{}", s.site_id, s.plan_id);
-    let delete = |jwt: &str, path: &str| app.http.delete(app.url(path)).bearer_auth(jwt).send();
 
-    let res = delete(&s.owner, &plan).await.unwrap();
+    let res = app.delete(&s.owner, &plan).await;
     assert_eq!(res.status(), 409);
     let p: Value = res.json().await.unwrap();
     assert_eq!(
@@ -805,13 +803,13 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     );
     assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
     let other = app.jwt("mallory", Role::SiteOwner);
-    assert_eq!(delete(&other, &plan).await.unwrap().status(), 404);
+    assert_eq!(app.delete(&other, &plan).await.status(), 404);
 
     let token = format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id);
-    assert_eq!(delete(&s.owner, &token).await.unwrap().status(), 204);
-    assert_eq!(delete(&s.owner, &plan).await.unwrap().status(), 204);
+    assert_eq!(app.delete(&s.owner, &token).await.status(), 204);
+    assert_eq!(app.delete(&s.owner, &plan).await.status(), 204);
     assert_eq!(app.get(&s.owner, &plan).await.status(), 404);
-    assert_eq!(delete(&s.owner, &plan).await.unwrap().status(), 404);
+    assert_eq!(app.delete(&s.owner, &plan).await.status(), 404);
     let plans: Value = app
         .get_json(&s.owner, &format!("/api/sites/{}/plans", s.site_id))
         .await;
@@ -885,13 +883,7 @@ async fn sites_plans_and_active_api_keys_are_capped_with_a_409_that_changes_noth
         .map(|p| p["plan_id"].as_str().unwrap())
         .find(|id| *id != s.plan_id)
         .unwrap();
-    let res = app
-        .http
-        .delete(app.url(&format!("{site}/plans/{spare}")))
-        .bearer_auth(&s.owner)
-        .send()
-        .await
-        .unwrap();
+    let res = app.delete(&s.owner, &format!("{site}/plans/{spare}")).await;
     assert_eq!(res.status(), 204);
     assert_eq!(
         app.post(&s.owner, &format!("{site}/plans"), plan)
@@ -921,12 +913,8 @@ async fn sites_plans_and_active_api_keys_are_capped_with_a_409_that_changes_noth
         .find(|k| !key.starts_with(k["prefix"].as_str().unwrap()));
     let other = other.unwrap()["key_id"].as_str().unwrap();
     let res = app
-        .http
-        .delete(app.url(&format!("{site}/api-keys/{other}")))
-        .bearer_auth(&s.owner)
-        .send()
-        .await
-        .unwrap();
+        .delete(&s.owner, &format!("{site}/api-keys/{other}"))
+        .await;
     assert_eq!(res.status(), 204);
     app.create_key(&s.owner, &s.site_id).await;
     assert_eq!(
@@ -950,8 +938,7 @@ async fn sites_plans_and_active_api_keys_are_capped_with_a_409_that_changes_noth
             .status(),
         201
     );
-    let delete = app.http.delete(app.url(&site)).bearer_auth(&s.owner).send();
-    assert_eq!(delete.await.unwrap().status(), 204);
+    assert_eq!(app.delete(&s.owner, &site).await.status(), 204);
     assert_eq!(
         app.post(&s.owner, "/api/sites", new_site).await.status(),
         201
@@ -988,18 +975,17 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
     assert_eq!(authorize().await.unwrap().status(), 200);
     let site = format!("/api/sites/{}", s.site_id);
     let token = format!("{site}/tokens/{}", s.token_id);
-    let delete = |jwt: &str| app.http.delete(app.url(&site)).bearer_auth(jwt).send();
     let other = app.jwt("mallory", Role::SiteOwner);
-    assert_eq!(delete(&other).await.unwrap().status(), 404);
+    assert_eq!(app.delete(&other, &site).await.status(), 404);
     assert_eq!(app.get(&s.owner, &site).await.status(), 200);
 
-    assert_eq!(delete(&s.owner).await.unwrap().status(), 204);
+    assert_eq!(app.delete(&s.owner, &site).await.status(), 204);
     assert_eq!(app.get(&s.owner, &site).await.status(), 404);
     assert_eq!(
         app.get(&s.owner, &format!("{site}/plans")).await.status(),
         404
     );
-    assert_eq!(delete(&s.owner).await.unwrap().status(), 404);
+    assert_eq!(app.delete(&s.owner, &site).await.status(), 404);
     let sites: Value = app.get_json(&s.owner, "/api/sites").await;
     assert_eq!(sites["items"].as_array().unwrap().len(), 0);
     // Its token and its API key no longer work, and the token shows as revoked.

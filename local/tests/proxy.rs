@@ -318,15 +318,11 @@ async fn denials_have_the_right_status_reason_and_headers() {
 
     // Revoked: 403 on the very next request.
     let res = app
-        .http
-        .delete(app.url(&format!(
-            "/api/sites/{}/tokens/{}",
-            other.site_id, other.token_id
-        )))
-        .bearer_auth(&other.owner)
-        .send()
-        .await
-        .unwrap();
+        .delete(
+            &other.owner,
+            &format!("/api/sites/{}/tokens/{}", other.site_id, other.token_id),
+        )
+        .await;
     assert_eq!(res.status(), 204);
     let res = app.proxy_get(&other.site_id, "/x", &other.token).await;
     assert_eq!(res.status(), 403);

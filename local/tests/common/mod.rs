@@ -239,6 +239,16 @@ impl App {
         self.send(reqwest::Method::PATCH, jwt, path, body).await
     }
 
+    /// A dashboard `DELETE`.
+    pub async fn delete(&self, jwt: &str, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(jwt)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `POST /v1/authorize` with a site API key.
     pub async fn authorize(&self, key: &str, body: Value) -> reqwest::Response {
         self.http
