@@ -132,7 +132,7 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     assert_eq!(items[0]["token_id"], tok["token_id"]);
     assert_eq!(items[0]["usage"]["used"], 1);
     assert!(items[0].get("token").is_none());
-    // Each of several tokens comes with its own usage.
+    // Each of several tokens comes with its own usage, in token-id order, in pages.
     let res = app
         .post(
             &s.owner,
@@ -145,25 +145,42 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         app.proxy_get(&s.site_id, "/", second["token"].as_str().unwrap())
             .await;
     }
-    let mine: Value = app.get_json(&carol, "/api/me/tokens").await;
-    let mut used: Vec<(String, u64)> = mine["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["token_id"].as_str().unwrap().into(),
-                t["usage"]["used"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    used.sort();
     let mut expected = vec![
         (tok["token_id"].as_str().unwrap().to_owned(), 1),
         (second["token_id"].as_str().unwrap().to_owned(), 3),
     ];
     expected.sort();
-    assert_eq!(used, expected);
+    let used = |page: &Value| -> Vec<(String, u64)> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let id = t["token_id"].as_str().unwrap().into();
+                (id, t["usage"]["used"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let mine: Value = app.get_json(&carol, "/api/me/tokens").await;
+    assert_eq!(used(&mine), expected);
+    assert_eq!(mine["next_cursor"], Value::Null);
+    let first: Value = app.get_json(&carol, "/api/me/tokens?limit=1").await;
+    assert_eq!(used(&first), expected[..1]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let rest: Value = app
+        .get_json(&carol, &format!("/api/me/tokens?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(used(&rest), expected[1..]);
+    assert_eq!(rest["next_cursor"], Value::Null);
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("cursor=x", "cursor"),
+        ("site=1", "site"),
+    ] {
+        let res = app.get(&carol, &format!("/api/me/tokens?{query}")).await;
+        assert_eq!(res.status(), 422, "{query}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
 
     // The admin trail recorded who did what.
     let trail: Value = app.get_json(&admin, "/api/audit-trail").await;

@@ -220,6 +220,24 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
     store.ping().await.unwrap();
 }
 
+/// The token ids of a listing read to its end, `limit` at a time from `page(after)`.
+async fn token_pages<F, Fut>(limit: usize, page: F) -> Vec<String>
+where
+    F: Fn(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Page<Token>>,
+{
+    let (mut seen, mut after) = (Vec::new(), None);
+    loop {
+        let page = page(after.take()).await;
+        assert!(page.items.len() <= limit);
+        seen.extend(page.items.into_iter().map(|t| t.token_id));
+        match page.next_cursor {
+            Some(c) => after = Some(c),
+            None => return seen,
+        }
+    }
+}
+
 async fn tokens_and_keys(store: Arc<dyn Store>) {
     let s = site("o");
     store.create_site(&s).await.unwrap();
@@ -273,19 +291,14 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         .collect();
     all.sort();
     for limit in [1, 2, 5, 10] {
-        let (mut seen, mut after) = (Vec::new(), None::<String>);
-        loop {
-            let page = store
-                .list_tokens_page(&s.site_id, limit, after.as_deref())
-                .await
-                .unwrap();
-            assert!(page.items.len() <= limit);
-            seen.extend(page.items.into_iter().map(|t| t.token_id));
-            match page.next_cursor {
-                Some(c) => after = Some(c),
-                None => break,
+        let seen = token_pages(limit, |after| {
+            let (store, site_id) = (store.clone(), s.site_id.clone());
+            async move {
+                let page = store.list_tokens_page(&site_id, limit, after.as_deref());
+                page.await.unwrap()
             }
-        }
+        })
+        .await;
         assert_eq!(seen, all, "limit {limit}");
     }
     let exactly = store
@@ -299,11 +312,38 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(other_site.items.is_empty() && other_site.next_cursor.is_none());
-    let mine = store.list_consumer_tokens(&consumer).await.unwrap();
-    assert_eq!(
-        mine.iter().map(|t| &t.token_id).collect::<Vec<_>>(),
-        vec![&t1.token_id]
-    );
+    // A consumer's tokens, on any site, and no one else's, in pages.
+    let s2 = site("o");
+    store.create_site(&s2).await.unwrap();
+    let p2 = plan(&s2.site_id, 60, 1000);
+    store.create_plan(&p2).await.unwrap();
+    let mut mine = vec![t1.token_id.clone()];
+    for c in [
+        Some(consumer.as_str()),
+        Some(consumer.as_str()),
+        Some("someone-else"),
+    ] {
+        let t = token(&s2.site_id, &p2.plan_id, c);
+        store.create_token(&t).await.unwrap();
+        if c == Some(&consumer) {
+            mine.push(t.token_id);
+        }
+    }
+    mine.sort();
+    for limit in [1, 2, 3, 10] {
+        let seen = token_pages(limit, |after| {
+            let (store, consumer) = (store.clone(), consumer.clone());
+            async move {
+                let page = store.list_consumer_tokens_page(&consumer, limit, after.as_deref());
+                page.await.unwrap()
+            }
+        })
+        .await;
+        assert_eq!(seen, mine, "limit {limit}");
+    }
+    let nobody = store.list_consumer_tokens_page("nobody", 10, None).await;
+    let nobody = nobody.unwrap();
+    assert!(nobody.items.is_empty() && nobody.next_cursor.is_none());
     let revoked = store
         .revoke_token(&s.site_id, &t1.token_id, 99)
         .await

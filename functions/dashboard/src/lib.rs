@@ -1172,18 +1172,32 @@ async fn list_events(
     Ok(json(StatusCode::OK, &page))
 }
 
-/// A consumer's own tokens (any role may call it for the tokens assigned to it).
-async fn my_tokens(State(st): State<AppState>, Extension(p): P) -> ApiResult {
+/// A page of a user's own tokens (those assigned to it; any role may ask), with
+/// usage, in token-id order (`limit` 1-1000, default 100); `next_cursor` continues it.
+async fn my_tokens(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     use futures_util::{StreamExt, TryStreamExt};
-    let tokens = st.store().list_consumer_tokens(&p.sub).await?;
+    let q = params(q, &["limit", "cursor"])?;
+    let limit = parse_limit(&q)?;
+    let after = parse_cursor(&q, |c| ids::is_id(c, "tok_").then_some(c))?;
+    let page = st
+        .store()
+        .list_consumer_tokens_page(&p.sub, limit, after)
+        .await?;
     // Each token's usage is two store reads: sixteen tokens' at a time, in order.
     let st = &st;
-    let items: Vec<Value> = futures_util::stream::iter(tokens)
+    let items: Vec<Value> = futures_util::stream::iter(page.items)
         .map(|t| async move { token_with_usage(st, &t).await })
         .buffered(16)
         .try_collect()
         .await?;
-    Ok(json(StatusCode::OK, &json!({"items": items})))
+    Ok(json(
+        StatusCode::OK,
+        &json!({"items": items, "next_cursor": page.next_cursor}),
+    ))
 }
 
 /// The admin audit trail: admins see every change, owners the changes to their sites.

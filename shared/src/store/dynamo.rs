@@ -893,6 +893,35 @@ fn token_item(t: &Token) -> Item {
     with_data(item, t)
 }
 
+impl DynamoStore {
+    /// A page of the tokens in one partition of a token index (`(name, partition
+    /// key, sort key)`), whose sort key is `TOKEN#{token_id}`: in token-id order.
+    async fn tokens_page(
+        &self,
+        (index, pk, sk): (&str, &str, &str),
+        partition: String,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>> {
+        let start = after.map(|id| {
+            let mut k = key(format!("TOKEN#{id}"), "TOKEN");
+            k.insert(pk.into(), s(&partition));
+            k.insert(sk.into(), s(format!("TOKEN#{id}")));
+            k
+        });
+        let q = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .index_name(index)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", pk)
+            .expression_attribute_values(":pk", s(&partition));
+        let items = self.query_up_to(q, limit + 1, start).await?;
+        Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
+    }
+}
+
 #[async_trait]
 impl TokenStore for DynamoStore {
     async fn create_token(&self, token: &Token) -> Result<()> {
@@ -968,29 +997,19 @@ impl TokenStore for DynamoStore {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Token>> {
-        let index_pk = format!("SITE#{site_id}#TOKENS");
-        let start = after.map(|id| {
-            let mut k = key(format!("TOKEN#{id}"), "TOKEN");
-            k.insert("gsi1pk".into(), s(&index_pk));
-            k.insert("gsi1sk".into(), s(format!("TOKEN#{id}")));
-            k
-        });
-        let q = self
-            .client
-            .query()
-            .table_name(&*self.table)
-            .index_name(GSI1)
-            .key_condition_expression("gsi1pk = :pk")
-            .expression_attribute_values(":pk", s(&index_pk));
-        let items = self.query_up_to(q, limit + 1, start).await?;
-        Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
+        let index = (GSI1, "gsi1pk", "gsi1sk");
+        self.tokens_page(index, format!("SITE#{site_id}#TOKENS"), limit, after)
+            .await
     }
-    async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
-        self.query_all(Some(GSI2), "gsi2pk", &format!("CONSUMER#{consumer}"), None)
-            .await?
-            .iter()
-            .map(data)
-            .collect()
+    async fn list_consumer_tokens_page(
+        &self,
+        consumer: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>> {
+        let index = (GSI2, "gsi2pk", "gsi2sk");
+        self.tokens_page(index, format!("CONSUMER#{consumer}"), limit, after)
+            .await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
         let Some(token) = self.get_token(site_id, token_id).await? else {

@@ -658,18 +658,29 @@ impl TokenStore for EmbeddedStore {
         let items = self.read_table(TOKENS, |t| list_prefix_after(t, site_id, after, limit + 1))?;
         Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
-    async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>> {
-        self.read_table(TOKENS, |t| {
+    async fn list_consumer_tokens_page(
+        &self,
+        consumer: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>> {
+        // Tokens are keyed by site: the consumer's are found by reading them all.
+        let mut items = self.read_table(TOKENS, |t| {
             let mut out = Vec::new();
             for row in t.iter().map_err(unavailable)? {
                 let (_, v) = row.map_err(unavailable)?;
                 let token: Token = decode(v.value())?;
-                if token.consumer.as_deref() == Some(consumer) {
+                if token.consumer.as_deref() == Some(consumer)
+                    && after.is_none_or(|a| token.token_id.as_str() > a)
+                {
                     out.push(token);
                 }
             }
             Ok(out)
-        })
+        })?;
+        items.sort_by(|a, b| a.token_id.cmp(&b.token_id));
+        items.truncate(limit + 1);
+        Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
         let revoked = self

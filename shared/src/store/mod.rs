@@ -152,7 +152,14 @@ pub trait TokenStore: Send + Sync {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Token>>;
-    async fn list_consumer_tokens(&self, consumer: &str) -> Result<Vec<Token>>;
+    /// Up to `limit` of the tokens assigned to `consumer`, on any site, in token-id
+    /// order, after the token `after`, paged as `list_tokens_page`.
+    async fn list_consumer_tokens_page(
+        &self,
+        consumer: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Token>>;
     /// Revoke; returns the token as it is now, or `None` if there is no such token.
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>>;
 }
