@@ -977,6 +977,135 @@ async fn sites_plans_and_active_api_keys_are_capped_with_a_409_that_changes_noth
 }
 
 #[tokio::test]
+async fn a_token_moves_to_another_plan_and_its_limits_follow_at_once() {
+    avoid_minute_boundary().await;
+    let app = spawn_app().await;
+    let s = app.setup(600, 3).await;
+    let token = format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id);
+    for _ in 0..3 {
+        assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    }
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 429);
+    let res = app
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/plans", s.site_id),
+            json!({"name": "business", "requests_per_minute": 600, "monthly_quota": 10}),
+        )
+        .await;
+    let business = res.json::<Value>().await.unwrap()["plan_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The same secret, now on the new plan: this month's use counts against it.
+    let res = app
+        .patch(&s.owner, &token, json!({"plan_id": business}))
+        .await;
+    assert_eq!(res.status(), 200);
+    let t: Value = res.json().await.unwrap();
+    assert_eq!(t["plan_id"], business.as_str());
+    assert_eq!(t["usage"]["used"], 3);
+    assert_eq!(t["usage"]["monthly_quota"], 10);
+    assert_eq!(t["usage"]["remaining"], 7);
+    assert!(t.get("token").is_none(), "the secret is never shown again");
+    let res = app.proxy_get(&s.site_id, "/", &s.token).await;
+    assert_eq!(res.status(), 200);
+    let plan_seen = s.origin.last().headers["x-payfence-plan"].clone();
+    assert_eq!(plan_seen, "business");
+    // Four allowed this minute (the refused one took nothing), of the new plan's 600.
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some("596"));
+    let logs = app.logs(&s.owner, &s.site_id, "limit=1").await;
+    assert_eq!(logs["items"][0]["plan"], "business");
+
+    // Label and consumer: set, and removed with "".
+    let res = app
+        .patch(
+            &s.owner,
+            &token,
+            json!({"label": "ACME", "consumer": "carol"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let carol = app.jwt("carol", Role::Consumer);
+    let mine: Value = app.get_json(&carol, "/api/me/tokens").await;
+    assert_eq!(mine["items"][0]["token_id"], s.token_id.as_str());
+    assert_eq!(mine["items"][0]["label"], "ACME");
+    let t: Value = app
+        .patch(&s.owner, &token, json!({"consumer": ""}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&t["consumer"], &t["label"]),
+        (&Value::Null, &json!("ACME"))
+    );
+    let mine: Value = app.get_json(&carol, "/api/me/tokens").await;
+    assert_eq!(mine["items"].as_array().unwrap().len(), 0);
+
+    // Bad changes are refused by field and change nothing.
+    for (body, field) in [
+        (json!({"plan_id": "plan_0000000000000000"}), "plan_id"),
+        (json!({"plan_id": null}), "plan_id"),
+        (json!({"label": 5}), "label"),
+        (json!({"label": "x".repeat(101)}), "label"),
+        (json!({"consumer": "a\nb"}), "consumer"),
+        (json!({"token": "pf_live_x"}), "token"),
+    ] {
+        let res = app.patch(&s.owner, &token, body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field, "{body}");
+    }
+    let mallory = app.jwt("mallory", Role::SiteOwner);
+    let body = json!({"label": "mine"});
+    assert_eq!(
+        app.patch(&mallory, &token, body.clone()).await.status(),
+        404
+    );
+    assert_eq!(app.patch(&carol, &token, body.clone()).await.status(), 403);
+    let ghost = format!("/api/sites/{}/tokens/tok_0000000000000000", s.site_id);
+    assert_eq!(
+        app.patch(&s.owner, &ghost, body.clone()).await.status(),
+        404
+    );
+    let t: Value = app.get_json(&s.owner, &token).await;
+    assert_eq!(
+        (&t["label"], &t["plan_id"]),
+        (&json!("ACME"), &json!(business))
+    );
+
+    // A revoked token stays revoked.
+    assert_eq!(app.delete(&s.owner, &token).await.status(), 204);
+    let res = app.patch(&s.owner, &token, body).await;
+    assert_eq!(res.status(), 409);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(
+        p["detail"],
+        "the token is revoked, which is final: issue a new one"
+    );
+    assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 403);
+
+    let trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;
+    let actions: Vec<&str> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions[..4],
+        [
+            "token.revoke",
+            "token.update",
+            "token.update",
+            "token.update"
+        ]
+    );
+    assert_eq!(trail["items"][1]["target"], s.token_id.as_str());
+}
+
+#[tokio::test]
 async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;

@@ -1,5 +1,6 @@
 //! PayFence on DynamoDB (the test server scripts/test.sh starts): requests per
-//! decision, and failing closed while the server is down.
+//! decision, changes seen by another process, and failing closed while the server
+//! is down.
 
 mod common;
 
@@ -140,6 +141,50 @@ async fn one_conditional_update_per_decision_and_no_reads() {
         2 + decisions,
         "every decision audited"
     );
+}
+
+/// Two gateway processes on one table, as Lambda runs them: a token moved to another
+/// plan through one is on that plan in the other once its cache entry expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_moved_in_one_process_is_on_its_new_plan_in_another_within_the_cache_ttl() {
+    let Some(endpoint) = dynamodb_endpoint() else {
+        return;
+    };
+    let (dir, table) = (tempfile::tempdir().unwrap(), unique_table("moves"));
+    let config = payfence_core::config::Config {
+        cache_ttl: Duration::from_secs(1),
+        ..test_config()
+    };
+    let open = |config| Local::open_dynamodb(dir.path(), config, &table, Some(&endpoint));
+    let (a, b) = (
+        open(config.clone()).await.unwrap(),
+        open(config).await.unwrap(),
+    );
+    let b = spawn_local(b, tempfile::tempdir().unwrap()).await;
+    let a = spawn_local(a, dir).await;
+    let s = a.setup(600, 2).await;
+    for _ in 0..2 {
+        assert_eq!(b.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    }
+    assert_eq!(b.proxy_get(&s.site_id, "/", &s.token).await.status(), 429);
+    let res = a
+        .post(
+            &s.owner,
+            &format!("/api/sites/{}/plans", s.site_id),
+            json!({"name": "business", "requests_per_minute": 600, "monthly_quota": 10}),
+        )
+        .await;
+    let business = res.json::<Value>().await.unwrap()["plan_id"].clone();
+    let token = format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id);
+    let res = a
+        .patch(&s.owner, &token, json!({"plan_id": business}))
+        .await;
+    assert_eq!(res.status(), 200);
+    // The process that made the change knows it at once.
+    assert_eq!(a.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(b.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
+    assert_eq!(s.origin.last().headers["x-payfence-plan"], "business");
 }
 
 struct Moto(Child);

@@ -218,10 +218,13 @@ fn request(
             &["GET", "PATCH", "DELETE"],
         ),
         (format!("{s}/tokens"), &["GET", "POST"]),
-        (format!("{s}/tokens/{}", t.token_id), &["GET", "DELETE"]),
+        (
+            format!("{s}/tokens/{}", t.token_id),
+            &["GET", "PATCH", "DELETE"],
+        ),
         (
             format!("{s}/tokens/tok_0000000000000000"),
-            &["GET", "DELETE"],
+            &["GET", "PATCH", "DELETE"],
         ),
         (format!("{s}/api-keys"), &["GET", "POST"]),
         (format!("{s}/api-keys/key_0000000000000000"), &["DELETE"]),

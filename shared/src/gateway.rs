@@ -133,7 +133,8 @@ impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
     }
 }
 
-/// Immutable token facts: a token's hash, id, site and plan never change.
+/// What a token's hash finds: its id and site, which never change, and its plan,
+/// which a dashboard change may (so it is cached for `ttl`, as plans are).
 #[derive(Clone)]
 struct TokenRef {
     token_id: String,
@@ -154,7 +155,8 @@ pub struct Gateway {
     plans: TtlCache<(String, String), PlanInfo>,
     /// API key hash -> key (positive answers only).
     keys: TtlCache<String, ApiKey>,
-    tokens: Mutex<HashMap<String, TokenRef>>,
+    /// Token hash -> token (positive answers only).
+    tokens: TtlCache<String, TokenRef>,
     /// (site, client hash) -> blocked until (unix ms), learned from failed attempts.
     blocked: Mutex<HashMap<(String, String), u64>>,
 }
@@ -167,7 +169,7 @@ impl Gateway {
             sites: TtlCache::new(ttl),
             plans: TtlCache::new(ttl),
             keys: TtlCache::new(ttl),
-            tokens: Mutex::default(),
+            tokens: TtlCache::new(ttl),
             blocked: Mutex::default(),
         }
     }
@@ -184,6 +186,11 @@ impl Gateway {
     pub fn invalidate_site(&self, site_id: &str) {
         self.sites.retain(|s| s != site_id);
         self.plans.retain(|(s, _)| s != site_id);
+    }
+
+    /// Forget a cached token (after changing it in this process).
+    pub fn invalidate_token(&self, token_hash: &str) {
+        self.tokens.retain(|h| h != token_hash);
     }
 
     /// Forget a cached API key (after revoking it in this process).
@@ -235,8 +242,8 @@ impl Gateway {
 
     async fn resolve_token(&self, token: &str) -> Result<Option<TokenRef>, GatewayError> {
         let hash = ids::hash_secret(token);
-        if let Some(t) = self.tokens.lock().unwrap().get(&hash) {
-            return Ok(Some(t.clone()));
+        if let Some(t) = self.tokens.get(&hash) {
+            return Ok(Some(t));
         }
         let Some(t) = self.store.token_by_hash(&hash).await? else {
             return Ok(None);
@@ -246,11 +253,7 @@ impl Gateway {
             site_id: t.site_id,
             plan_id: t.plan_id,
         };
-        let mut tokens = self.tokens.lock().unwrap();
-        if tokens.len() >= MAX_CACHED {
-            tokens.clear();
-        }
-        tokens.insert(hash, r.clone());
+        self.tokens.put(hash, r.clone());
         Ok(Some(r))
     }
 

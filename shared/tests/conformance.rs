@@ -503,6 +503,66 @@ async fn revocation_and_missing_tokens(store: Arc<dyn Store>) {
     );
 }
 
+/// A token changes only over the token as read: never over a revocation, a
+/// concurrent change, or a token that is not there.
+async fn token_updates(store: Arc<dyn Store>) {
+    let (s, p, was) = setup(&store, 60, 1000).await;
+    let p2 = plan(&s.site_id, 10, 5);
+    store.create_plan(&p2).await.unwrap();
+    let consumer = format!("c-{}", ids::request_id());
+    let now = Token {
+        plan_id: p2.plan_id.clone(),
+        label: Some("moved".into()),
+        consumer: Some(consumer.clone()),
+        ..was.clone()
+    };
+    store.update_token(&was, &now).await.unwrap();
+    let stored = store.get_token(&s.site_id, &was.token_id).await;
+    assert_eq!(stored.unwrap(), Some(now.clone()));
+    assert_eq!(
+        store.token_by_hash(&was.token_hash).await.unwrap(),
+        Some(now.clone())
+    );
+    let mine = store.list_consumer_tokens_page(&consumer, 10, None).await;
+    assert_eq!(mine.unwrap().items, vec![now.clone()]);
+    // Over a token that is no longer as read: refused, and nothing changes.
+    let stale = Token {
+        label: Some("stale".into()),
+        ..was.clone()
+    };
+    assert!(matches!(
+        store.update_token(&was, &stale).await,
+        Err(StoreError::Changed(_))
+    ));
+    // Leaving the consumer takes the token off its list.
+    let unassigned = Token {
+        consumer: None,
+        ..now.clone()
+    };
+    store.update_token(&now, &unassigned).await.unwrap();
+    let mine = store.list_consumer_tokens_page(&consumer, 10, None).await;
+    assert!(mine.unwrap().items.is_empty());
+    store
+        .revoke_token(&s.site_id, &was.token_id, 7)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.update_token(&unassigned, &now).await,
+        Err(StoreError::Changed(_))
+    ));
+    let stored = store.get_token(&s.site_id, &was.token_id).await.unwrap();
+    assert_eq!(stored.unwrap().revoked_at, Some(7), "still revoked");
+    let ghost = token(&s.site_id, &p.plan_id, None);
+    assert!(matches!(
+        store.update_token(&ghost, &ghost).await,
+        Err(StoreError::Changed(_))
+    ));
+    assert_eq!(
+        store.get_token(&s.site_id, &ghost.token_id).await.unwrap(),
+        None
+    );
+}
+
 /// The store decides exactly as the pure limits arithmetic, across minute boundaries.
 async fn sliding_window_matches_the_pure_model(store: Arc<dyn Store>) {
     use payfence_core::limits::{evaluate, SecondWindow, TokenUsage};
@@ -891,6 +951,7 @@ conformance!(
     rate_limit_exact_under_concurrency,
     quota_exact_under_concurrency_and_events_once,
     revocation_and_missing_tokens,
+    token_updates,
     sliding_window_matches_the_pure_model,
     audit_filters_and_cursor,
     audit_of_decisions_from_overlapping_waves,

@@ -48,7 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/tokens"), post(create_token).get(list_tokens))
         .route(
             &site("/tokens/{token_id}"),
-            get(get_token).delete(revoke_token),
+            get(get_token).patch(update_token).delete(revoke_token),
         )
         .route(&site("/api-keys"), post(create_key).get(list_keys))
         .route(
@@ -642,6 +642,16 @@ async fn find_plan(st: &AppState, site_id: &str, plan_id: &str) -> Result<Plan, 
         .ok_or_else(|| not_found("plan"))
 }
 
+/// Check the `plan_id` of a request body: a plan of the site, or `422`.
+async fn body_plan(st: &AppState, site_id: &str, plan_id: &str) -> Result<(), ApiError> {
+    match find_plan(st, site_id, plan_id).await {
+        Err(ApiError::NotFound(_)) => {
+            Err(ApiError::invalid("plan_id", "no such plan on this site"))
+        }
+        other => other.map(drop),
+    }
+}
+
 async fn get_plan(
     State(st): State<AppState>,
     Extension(p): P,
@@ -760,9 +770,7 @@ async fn create_token(
     ApiJson(b): ApiJson<CreateToken>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
-    find_plan(&st, &site_id, &b.plan_id)
-        .await
-        .map_err(|_| ApiError::invalid("plan_id", "no such plan on this site"))?;
+    body_plan(&st, &site_id, &b.plan_id).await?;
     let secret = ids::consumer_token();
     let token = Token {
         token_id: ids::token_id(),
@@ -824,6 +832,59 @@ async fn get_token(
     managed_site(&st, &p, &site_id).await?;
     let t = find_token(&st, &site_id, &token_id).await?;
     Ok(json(StatusCode::OK, &token_with_usage(&st, &t).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateToken {
+    #[serde(default, deserialize_with = "not_null")]
+    plan_id: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    label: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    consumer: Option<String>,
+}
+
+/// A PATCH value that may be given empty to remove it: `None`, or checked as
+/// `check_name` does.
+fn name_or_none(field: &str, v: &str, max: usize) -> Result<Option<String>, ApiError> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    check_name(field, v, max).map(Some)
+}
+
+/// Move an active token to another plan of its site (its usage this month and
+/// minute carries over, now against the new plan's limits), or change its label
+/// or consumer (`""` removes them). The secret stays the same.
+async fn update_token(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath((site_id, token_id)): ApiPath<(String, String)>,
+    ApiJson(b): ApiJson<UpdateToken>,
+) -> ApiResult {
+    let site = managed_site(&st, &p, &site_id).await?;
+    let was = find_token(&st, &site_id, &token_id).await?;
+    if was.revoked_at.is_some() {
+        return Err(ApiError::Conflict(
+            "the token is revoked, which is final: issue a new one".into(),
+        ));
+    }
+    let mut now = was.clone();
+    if let Some(v) = b.label {
+        now.label = name_or_none("label", &v, 100)?;
+    }
+    if let Some(v) = b.consumer {
+        now.consumer = name_or_none("consumer", &v, 128)?;
+    }
+    if let Some(plan_id) = b.plan_id {
+        body_plan(&st, &site_id, &plan_id).await?;
+        now.plan_id = plan_id;
+    }
+    st.store().update_token(&was, &now).await?;
+    st.gateway.invalidate_token(&now.token_hash);
+    trail(&st, &p, "token.update", &site, Some(&token_id)).await?;
+    Ok(json(StatusCode::OK, &token_with_usage(&st, &now).await?))
 }
 
 async fn revoke_token(

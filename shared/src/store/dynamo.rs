@@ -368,7 +368,7 @@ impl DynamoStore {
         &self,
         item: Item,
         condition: &str,
-        read: Option<u64>,
+        values: Option<Item>,
         refused: StoreError,
     ) -> Result<()> {
         match self
@@ -377,7 +377,7 @@ impl DynamoStore {
             .table_name(&*self.table)
             .set_item(Some(item))
             .condition_expression(condition)
-            .set_expression_attribute_values(read.map(|r| Item::from([(":read".into(), n(r))])))
+            .set_expression_attribute_values(values)
             .send()
             .await
         {
@@ -409,7 +409,8 @@ impl DynamoStore {
             "rev = :read"
         };
         let refused = StoreError::Changed(what.into());
-        self.put_if(item, condition, Some(read_at), refused).await
+        let read = Item::from([(":read".into(), n(read_at))]);
+        self.put_if(item, condition, Some(read), refused).await
     }
 
     /// Every item of a query (all pages).
@@ -1009,6 +1010,20 @@ impl TokenStore for DynamoStore {
     ) -> Result<Page<Token>> {
         let index = (GSI2, "gsi2pk", "gsi2sk");
         self.tokens_page(index, format!("CONSUMER#{consumer}"), limit, after)
+            .await
+    }
+    async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
+        let changed = || StoreError::Changed(was.token_id.clone());
+        let record = key(format!("TOKEN#{}", was.token_id), "TOKEN");
+        let Some(stored) = self.get_item(record, true).await? else {
+            return Err(changed());
+        };
+        if data::<Token>(&stored)? != *was {
+            return Err(changed());
+        }
+        // Over the record exactly as read: a revocation meanwhile rewrites its `d`.
+        let read = Item::from([(":was".into(), stored["d"].clone())]);
+        self.put_if(token_item(now), "d = :was", Some(read), changed())
             .await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {

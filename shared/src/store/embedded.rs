@@ -682,6 +682,20 @@ impl TokenStore for EmbeddedStore {
         items.truncate(limit + 1);
         Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
+    async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
+        let (was, now) = (was.clone(), now.clone());
+        self.write(move |txn| {
+            let key = format!("{}/{}", was.site_id, was.token_id);
+            let mut t = txn.open_table(TOKENS).map_err(unavailable)?;
+            if get::<Token>(&t, &key)?.as_ref() != Some(&was) {
+                return Ok(Err(StoreError::Changed(was.token_id)));
+            }
+            t.insert(key.as_str(), encode(&now).as_slice())
+                .map_err(unavailable)?;
+            Ok(Ok(()))
+        })
+        .await?
+    }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
         let revoked = self
             .revoke(

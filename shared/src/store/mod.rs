@@ -160,6 +160,10 @@ pub trait TokenStore: Send + Sync {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Token>>;
+    /// Store `now` (the same token with another plan, label or consumer) if the
+    /// stored token is still `was`; otherwise `Changed` (it was revoked, changed or
+    /// deleted meanwhile: read it again).
+    async fn update_token(&self, was: &Token, now: &Token) -> Result<()>;
     /// Revoke; returns the token as it is now, or `None` if there is no such token.
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>>;
 }
