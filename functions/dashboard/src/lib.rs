@@ -792,6 +792,11 @@ async fn create_token(
     Ok(json(StatusCode::CREATED, &v))
 }
 
+/// A token list's cursor: the last token id of the page before.
+fn token_cursor(c: &str) -> Option<&str> {
+    ids::is_id(c, "tok_").then_some(c)
+}
+
 /// A page of the site's tokens (`limit` 1-1000, default 100), in token-id order;
 /// `next_cursor` continues it.
 async fn list_tokens(
@@ -803,7 +808,7 @@ async fn list_tokens(
     managed_site(&st, &p, &site_id).await?;
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
-    let after = parse_cursor(&q, |c| ids::is_id(c, "tok_").then_some(c))?;
+    let after = parse_cursor(&q, token_cursor)?;
     let page = st.store().list_tokens_page(&site_id, limit, after).await?;
     Ok(json(
         StatusCode::OK,
@@ -1243,7 +1248,7 @@ async fn my_tokens(
     use futures_util::{StreamExt, TryStreamExt};
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
-    let after = parse_cursor(&q, |c| ids::is_id(c, "tok_").then_some(c))?;
+    let after = parse_cursor(&q, token_cursor)?;
     let page = st
         .store()
         .list_consumer_tokens_page(&p.sub, limit, after)
