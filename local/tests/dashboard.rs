@@ -986,17 +986,9 @@ async fn a_token_moves_to_another_plan_and_its_limits_follow_at_once() {
         assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
     }
     assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 429);
-    let res = app
-        .post(
-            &s.owner,
-            &format!("/api/sites/{}/plans", s.site_id),
-            json!({"name": "business", "requests_per_minute": 600, "monthly_quota": 10}),
-        )
+    let business = app
+        .create_named_plan(&s.owner, &s.site_id, "business", 600, 10)
         .await;
-    let business = res.json::<Value>().await.unwrap()["plan_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
 
     // The same secret, now on the new plan: this month's use counts against it.
     let res = app

@@ -167,14 +167,9 @@ async fn a_token_moved_in_one_process_is_on_its_new_plan_in_another_within_the_c
         assert_eq!(b.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
     }
     assert_eq!(b.proxy_get(&s.site_id, "/", &s.token).await.status(), 429);
-    let res = a
-        .post(
-            &s.owner,
-            &format!("/api/sites/{}/plans", s.site_id),
-            json!({"name": "business", "requests_per_minute": 600, "monthly_quota": 10}),
-        )
+    let business = a
+        .create_named_plan(&s.owner, &s.site_id, "business", 600, 10)
         .await;
-    let business = res.json::<Value>().await.unwrap()["plan_id"].clone();
     let token = format!("/api/sites/{}/tokens/{}", s.site_id, s.token_id);
     let res = a
         .patch(&s.owner, &token, json!({"plan_id": business}))

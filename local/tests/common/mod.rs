@@ -289,11 +289,24 @@ impl App {
     }
 
     pub async fn create_plan(&self, jwt: &str, site_id: &str, rpm: u64, quota: u64) -> String {
+        self.create_named_plan(jwt, site_id, "pro", rpm, quota)
+            .await
+    }
+
+    /// A plan named `name`: its id.
+    pub async fn create_named_plan(
+        &self,
+        jwt: &str,
+        site_id: &str,
+        name: &str,
+        rpm: u64,
+        quota: u64,
+    ) -> String {
         let res = self
             .post(
                 jwt,
                 &format!("/api/sites/{site_id}/plans"),
-                json!({"name": "pro", "requests_per_minute": rpm, "monthly_quota": quota}),
+                json!({"name": name, "requests_per_minute": rpm, "monthly_quota": quota}),
             )
             .await;
         assert_eq!(res.status(), 201);
