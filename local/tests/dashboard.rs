@@ -1156,20 +1156,38 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
 }
 
 #[tokio::test]
-async fn the_token_list_comes_in_pages() {
+async fn the_token_list_comes_in_pages_with_each_tokens_usage() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
-    let mut issued = vec![s.token_id.clone()];
-    for i in 0..4 {
+    let business = app
+        .create_named_plan(&s.owner, &s.site_id, "business", 600, 5000)
+        .await;
+    // The use counted this minute is checked too: keep the uses within one minute.
+    avoid_minute_boundary().await;
+    app.proxy_get(&s.site_id, "/", &s.token).await;
+    // (token id, this month's use, its plan's quota), one token on each plan per use count.
+    let mut issued = vec![(s.token_id.clone(), 1, 1000)];
+    for i in 0..4u64 {
+        let (plan_id, quota) = if i % 2 == 0 {
+            (&s.plan_id, 1000)
+        } else {
+            (&business, 5000)
+        };
         let res = app
             .post(
                 &s.owner,
                 &format!("/api/sites/{}/tokens", s.site_id),
-                json!({"plan_id": s.plan_id, "label": format!("t{i}")}),
+                json!({"plan_id": plan_id, "label": format!("t{i}")}),
             )
             .await;
         let t: Value = res.json().await.unwrap();
-        issued.push(t["token_id"].as_str().unwrap().to_owned());
+        for _ in 0..i {
+            let res = app
+                .proxy_get(&s.site_id, "/", t["token"].as_str().unwrap())
+                .await;
+            assert_eq!(res.status(), 200);
+        }
+        issued.push((t["token_id"].as_str().unwrap().to_owned(), i, quota));
     }
     issued.sort();
     let (mut listed, mut cursor) = (Vec::new(), None::<String>);
@@ -1187,11 +1205,15 @@ async fn the_token_list_comes_in_pages() {
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2);
         assert!(items.iter().all(|t| t.get("token").is_none()), "no secrets");
-        listed.extend(
-            items
-                .iter()
-                .map(|t| t["token_id"].as_str().unwrap().to_owned()),
-        );
+        for t in items {
+            let u = &t["usage"];
+            let (used, quota) = (u["used"].as_u64().unwrap(), u["monthly_quota"].as_u64());
+            assert_eq!(u["remaining"].as_u64(), Some(quota.unwrap() - used));
+            assert_eq!(u["last_minute"].as_u64(), Some(used), "{t}");
+            assert_eq!(u["requests_per_minute"], 600);
+            let id = t["token_id"].as_str().unwrap().to_owned();
+            listed.push((id, used, quota.unwrap()));
+        }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
             None => break,

@@ -737,19 +737,44 @@ fn token_view(t: &Token) -> Value {
 }
 
 async fn token_with_usage(st: &AppState, t: &Token) -> Result<Value, ApiError> {
+    let plan = st.store().get_plan(&t.site_id, &t.plan_id).await?;
+    with_usage(st, t, plan.as_ref()).await
+}
+
+/// Tokens with their usage, read sixteen tokens at a time, in order. `plans`: the
+/// site's plans, when every token is of that site (else each token's plan is read).
+async fn tokens_with_usage(
+    st: &AppState,
+    tokens: Vec<Token>,
+    plans: Option<&[Plan]>,
+) -> Result<Vec<Value>, ApiError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    futures_util::stream::iter(tokens)
+        .map(|t| async move {
+            match plans {
+                Some(ps) => with_usage(st, &t, ps.iter().find(|p| p.plan_id == t.plan_id)).await,
+                None => token_with_usage(st, &t).await,
+            }
+        })
+        .buffered(16)
+        .try_collect()
+        .await
+}
+
+/// The token's view with `usage`: this month's and this minute's use against `plan`.
+async fn with_usage(st: &AppState, t: &Token, plan: Option<&Plan>) -> Result<Value, ApiError> {
     let now = now_ms();
     let usage = st.store().token_usage(&t.token_id).await?;
-    let plan = st.store().get_plan(&t.site_id, &t.plan_id).await?;
     let quota = usage.quota.at(now);
     let mut v = token_view(t);
     v["usage"] = json!({
         "period": period_of(now),
         "used": quota.used,
-        "monthly_quota": plan.as_ref().map(|p| p.monthly_quota),
-        "remaining": plan.as_ref().map(|p| p.monthly_quota.saturating_sub(quota.used)),
+        "monthly_quota": plan.map(|p| p.monthly_quota),
+        "remaining": plan.map(|p| p.monthly_quota.saturating_sub(quota.used)),
         "resets_at": period_end_unix(period_of(now)),
         "last_minute": usage.window.used(now),
-        "requests_per_minute": plan.as_ref().map(|p| p.requests_per_minute),
+        "requests_per_minute": plan.map(|p| p.requests_per_minute),
     });
     Ok(v)
 }
@@ -810,12 +835,11 @@ async fn list_tokens(
     let limit = parse_limit(&q)?;
     let after = parse_cursor(&q, token_cursor)?;
     let page = st.store().list_tokens_page(&site_id, limit, after).await?;
+    let plans = st.store().list_plans(&site_id).await?;
+    let items = tokens_with_usage(&st, page.items, Some(&plans)).await?;
     Ok(json(
         StatusCode::OK,
-        &json!({
-            "items": page.items.iter().map(token_view).collect::<Vec<_>>(),
-            "next_cursor": page.next_cursor,
-        }),
+        &json!({"items": items, "next_cursor": page.next_cursor}),
     ))
 }
 
@@ -1245,7 +1269,6 @@ async fn my_tokens(
     Extension(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    use futures_util::{StreamExt, TryStreamExt};
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
     let after = parse_cursor(&q, token_cursor)?;
@@ -1253,13 +1276,8 @@ async fn my_tokens(
         .store()
         .list_consumer_tokens_page(&p.sub, limit, after)
         .await?;
-    // Each token's usage is two store reads: sixteen tokens' at a time, in order.
-    let st = &st;
-    let items: Vec<Value> = futures_util::stream::iter(page.items)
-        .map(|t| async move { token_with_usage(st, &t).await })
-        .buffered(16)
-        .try_collect()
-        .await?;
+    // The tokens may be of several sites: each token's plan is read with its usage.
+    let items = tokens_with_usage(&st, page.items, None).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"items": items, "next_cursor": page.next_cursor}),
