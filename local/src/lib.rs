@@ -338,17 +338,9 @@ pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
             revoked_at: None,
         })
         .await?;
-    let api_key = ids::api_key();
-    store
-        .create_key(&payfence_core::domain::ApiKey {
-            key_id: ids::key_id(),
-            site_id: site.site_id.clone(),
-            key_hash: ids::hash_secret(&api_key),
-            prefix: api_key[..7].to_owned(),
-            created_at: now,
-            revoked_at: None,
-        })
-        .await?;
+    let (key, api_key) =
+        payfence_core::domain::ApiKey::new(&site.site_id, Some("demo".into()), now);
+    store.create_key(&key).await?;
 
     let app = demo_origin(&secret);
     tokio::spawn(async move {

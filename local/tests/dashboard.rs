@@ -717,6 +717,88 @@ async fn concurrent_plan_changes_never_undo_each_other() {
 }
 
 #[tokio::test]
+async fn an_api_key_may_carry_a_label_and_bad_bodies_create_nothing() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let keys = format!("/api/sites/{}/api-keys", s.site_id);
+    // No body at all (as `curl -X POST` sends), a blank one, `{}`: a key without a label.
+    for body in ["", " \n", "{}"] {
+        let res = app
+            .http
+            .post(app.url(&keys))
+            .bearer_auth(&s.owner)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "{body:?}");
+        let k: Value = res.json().await.unwrap();
+        assert_eq!(k["label"], Value::Null);
+        assert!(k["key"].as_str().unwrap().starts_with("sk_"));
+    }
+    let res = app
+        .post(&s.owner, &keys, json!({"label": "  billing server "}))
+        .await;
+    assert_eq!(res.status(), 201);
+    let labelled: Value = res.json().await.unwrap();
+    assert_eq!(labelled["label"], "billing server");
+    // The label is kept, listed, and the key works.
+    let res = app
+        .authorize(
+            labelled["key"].as_str().unwrap(),
+            json!({"token": s.token, "method": "GET", "path": "/"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let listed = |v: &Value| -> Vec<(String, Value)> {
+        let items = v["items"].as_array().unwrap();
+        assert!(items.iter().all(|k| k.get("key").is_none()), "no secrets");
+        items
+            .iter()
+            .map(|k| (k["key_id"].as_str().unwrap().to_owned(), k["label"].clone()))
+            .collect()
+    };
+    let before = listed(&app.get_json(&s.owner, &keys).await);
+    assert_eq!(before.len(), 4);
+    assert!(before.contains(&(
+        labelled["key_id"].as_str().unwrap().to_owned(),
+        json!("billing server")
+    )));
+    for (body, status, field) in [
+        (json!({"label": ""}), 422, Some("label")),
+        (json!({"label": "x".repeat(101)}), 422, Some("label")),
+        (json!({"label": "a\u{7}b"}), 422, Some("label")),
+        (json!({"label": 5}), 422, Some("label")),
+        (json!({"lable": "typo"}), 422, Some("lable")),
+        (json!(["billing"]), 400, None),
+        (json!(null), 400, None),
+    ] {
+        let res = app.post(&s.owner, &keys, body.clone()).await;
+        assert_eq!(res.status(), status, "{body}");
+        let p: Value = res.json().await.unwrap();
+        assert_eq!(p["field"].as_str(), field, "{body}");
+    }
+    let res = app
+        .http
+        .post(app.url(&keys))
+        .bearer_auth(&s.owner)
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(listed(&app.get_json(&s.owner, &keys).await), before);
+    let trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;
+    let created = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "api_key.create")
+        .count();
+    assert_eq!(created, 4, "a refused body leaves no entry");
+}
+
+#[tokio::test]
 async fn webhook_settings_show_the_secret_once_and_are_never_removed_by_omission() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;

@@ -122,9 +122,29 @@ pub struct ApiKey {
     pub key_hash: String,
     /// First characters of the key, to tell keys apart in listings.
     pub prefix: String,
+    /// What the key is for, set by its owner.
+    #[serde(default)]
+    pub label: Option<String>,
     pub created_at: u64,
     #[serde(default)]
     pub revoked_at: Option<u64>,
+}
+
+impl ApiKey {
+    /// A new key of the site; the key itself is returned beside it, to be shown once.
+    pub fn new(site_id: &str, label: Option<String>, now: u64) -> (ApiKey, String) {
+        let secret = crate::ids::api_key();
+        let key = ApiKey {
+            key_id: crate::ids::key_id(),
+            site_id: site_id.into(),
+            key_hash: crate::ids::hash_secret(&secret),
+            prefix: secret[..7].to_owned(),
+            label,
+            created_at: now,
+            revoked_at: None,
+        };
+        (key, secret)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -367,15 +367,7 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         None
     );
 
-    let secret = ids::api_key();
-    let k = ApiKey {
-        key_id: ids::key_id(),
-        site_id: s.site_id.clone(),
-        key_hash: ids::hash_secret(&secret),
-        prefix: secret[..7].into(),
-        created_at: 1,
-        revoked_at: None,
-    };
+    let (k, _) = ApiKey::new(&s.site_id, Some("billing server".into()), 1);
     store.create_key(&k).await.unwrap();
     assert_eq!(
         store.key_by_hash(&k.key_hash).await.unwrap(),

@@ -87,15 +87,7 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
         revision: 0,
     };
     store.create_plan(&plan).await.unwrap();
-    let api_key = ids::api_key();
-    let key = ApiKey {
-        key_id: ids::key_id(),
-        site_id: site_id.clone(),
-        key_hash: ids::hash_secret(&api_key),
-        prefix: api_key[..7].to_owned(),
-        created_at: now,
-        revoked_at: None,
-    };
+    let (key, api_key) = ApiKey::new(&site_id, None, now);
     store.create_key(&key).await.unwrap();
     let token = ids::consumer_token();
     let token_id = ids::token_id();

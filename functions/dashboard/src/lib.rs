@@ -440,6 +440,17 @@ async fn delete_site(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// An optional JSON object body: an empty (or all-blank) one is `T::default()`.
+fn optional_json<T: Default + serde::de::DeserializeOwned>(
+    body: Result<bytes::Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    payfence_core::http::parse_json(&body)
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Rotate {
@@ -453,13 +464,8 @@ async fn rotate_secret(
     body: Result<bytes::Bytes, BytesRejection>,
 ) -> ApiResult {
     let mut site = managed_site(&st, &p, &site_id).await?;
-    // The body is optional: empty means the default overlap.
-    let body = body?;
-    let b: Rotate = if body.iter().all(u8::is_ascii_whitespace) {
-        Rotate::default()
-    } else {
-        payfence_core::http::parse_json(&body)?
-    };
+    // Empty means the default overlap.
+    let b: Rotate = optional_json(body)?;
     let overlap = check_range(
         "overlap_seconds",
         b.overlap_seconds.unwrap_or(st.config.rotation_overlap_secs),
@@ -932,15 +938,28 @@ async fn revoke_token(
 }
 
 fn key_view(k: &ApiKey) -> Value {
-    json!({"key_id": k.key_id, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at})
+    json!({
+        "key_id": k.key_id, "prefix": k.prefix, "label": k.label,
+        "created_at": k.created_at, "revoked_at": k.revoked_at,
+    })
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    label: Option<String>,
+}
+
+/// Issue a site API key; the body is optional, `{"label"?}` names the key's user.
 async fn create_key(
     State(st): State<AppState>,
     Extension(p): P,
     ApiPath(site_id): ApiPath<String>,
+    body: Result<bytes::Bytes, BytesRejection>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
+    let b: CreateKey = optional_json(body)?;
+    let label = b.label.map(|l| check_name("label", &l, 100)).transpose()?;
     let keys = st.store().list_keys(&site_id).await?;
     let active = keys.iter().filter(|k| k.revoked_at.is_none()).count();
     room_for(
@@ -950,15 +969,7 @@ async fn create_key(
         MAX_ACTIVE_KEYS_PER_SITE,
         "revoke",
     )?;
-    let secret = ids::api_key();
-    let key = ApiKey {
-        key_id: ids::key_id(),
-        site_id: site_id.clone(),
-        key_hash: ids::hash_secret(&secret),
-        prefix: secret[..7].to_owned(),
-        created_at: now_ms() / 1000,
-        revoked_at: None,
-    };
+    let (key, secret) = ApiKey::new(&site_id, label, now_ms() / 1000);
     st.store().create_key(&key).await?;
     trail(&st, &p, "api_key.create", &site, Some(&key.key_id)).await?;
     let mut v = key_view(&key);
