@@ -130,7 +130,18 @@ pub struct ApiKey {
     pub revoked_at: Option<u64>,
 }
 
+/// How long a revoked API key stays listed and stored: as long as audit records.
+/// Revocation is final, so the key is only history; this bounds that history.
+pub const REVOKED_KEY_KEPT_SECS: u64 = AUDIT_RETENTION_SECS;
+
 impl ApiKey {
+    /// Whether the key is still kept at `now_s`: active, or revoked within
+    /// [`REVOKED_KEY_KEPT_SECS`].
+    pub fn kept_at(&self, now_s: u64) -> bool {
+        self.revoked_at
+            .is_none_or(|r| r.saturating_add(REVOKED_KEY_KEPT_SECS) > now_s)
+    }
+
     /// A new key of the site; the key itself is returned beside it, to be shown once.
     pub fn new(site_id: &str, label: Option<String>, now: u64) -> (ApiKey, String) {
         let secret = crate::ids::api_key();
@@ -346,6 +357,17 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revoked_key_is_kept_exactly_as_long_as_audit_records() {
+        let (mut k, _) = ApiKey::new("site_0000000000000000", None, 5);
+        assert!(k.kept_at(u64::MAX), "an active key is always kept");
+        k.revoked_at = Some(100);
+        assert!(k.kept_at(100 + REVOKED_KEY_KEPT_SECS - 1));
+        assert!(!k.kept_at(100 + REVOKED_KEY_KEPT_SECS));
+        k.revoked_at = Some(u64::MAX);
+        assert!(k.kept_at(u64::MAX - 1), "no overflow");
+    }
 
     #[test]
     fn a_record_is_kept_exactly_while_its_expiry_is_ahead() {

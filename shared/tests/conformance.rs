@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use payfence_core::domain::*;
 use payfence_core::ids;
 use payfence_core::limits::{PlanLimits, Verdict};
@@ -10,7 +11,8 @@ use payfence_core::seal::SealingKey;
 use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::{
-    parse_admin_cursor, parse_event_cursor, AuditStore, CountRequest, Counted, Store, StoreError,
+    parse_admin_cursor, parse_event_cursor, AuditStore, CountRequest, Counted, KeyStore, Store,
+    StoreError,
 };
 
 const NOW: u64 = 1_795_000_020_000; // 2026-11, early in a minute
@@ -1040,6 +1042,47 @@ async fn embedded_purges_expired_audit_records() {
     assert_eq!(store.purge_expired(now_s).await.unwrap(), 0);
 }
 
+/// A revoked API key is kept (listed) for as long as audit records, then purged
+/// with its hash; active keys and those revoked since stay.
+#[tokio::test]
+async fn embedded_purges_api_keys_revoked_past_their_keeping() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+    let s = site("o");
+    let t0 = NOW / 1000;
+    let keys: Vec<ApiKey> = (0..3)
+        .map(|_| ApiKey::new(&s.site_id, None, t0).0)
+        .collect();
+    for k in &keys {
+        store.create_key(k).await.unwrap();
+    }
+    for (k, at) in keys.iter().zip([t0, t0 + 10]) {
+        store.revoke_key(&s.site_id, &k.key_id, at).await.unwrap();
+    }
+    let now_s = t0 + REVOKED_KEY_KEPT_SECS;
+    let listed = || async {
+        let mut ids: Vec<String> = (store.list_keys(&s.site_id).await.unwrap())
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut all: Vec<String> = keys.iter().map(|k| k.key_id.clone()).collect();
+    all.sort();
+    store.purge_expired(now_s - 1).await.unwrap();
+    assert_eq!(listed().await, all, "kept until the time is up");
+    store.purge_expired(now_s).await.unwrap();
+    let mut left = vec![keys[1].key_id.clone(), keys[2].key_id.clone()];
+    left.sort();
+    assert_eq!(listed().await, left);
+    assert_eq!(store.key_by_hash(&keys[0].key_hash).await.unwrap(), None);
+    for k in &keys[1..] {
+        let found = store.key_by_hash(&k.key_hash).await.unwrap().unwrap();
+        assert_eq!(found.key_id, k.key_id);
+    }
+}
+
 #[tokio::test]
 async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
     let Some(endpoint) = std::env::var("PAYFENCE_TEST_DYNAMODB")
@@ -1095,4 +1138,36 @@ async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
         item.get("expires_at").unwrap().as_n().unwrap(),
         &r.expires_at.to_string()
     );
+    // A revoked API key expires too, once past the time it stays listed; an
+    // active one never does.
+    let (active, revoked) = (
+        ApiKey::new(&s.site_id, None, 1).0,
+        ApiKey::new(&s.site_id, None, 1).0,
+    );
+    for k in [&active, &revoked] {
+        store.create_key(k).await.unwrap();
+    }
+    store
+        .revoke_key(&s.site_id, &revoked.key_id, 7)
+        .await
+        .unwrap();
+    for (k, expiry) in [
+        (&active, None),
+        (&revoked, Some((7 + REVOKED_KEY_KEPT_SECS).to_string())),
+    ] {
+        let item = store
+            .client()
+            .get_item()
+            .table_name(&table)
+            .key("pk", AttributeValue::S(format!("KEYHASH#{}", k.key_hash)))
+            .key("sk", AttributeValue::S("KEY".into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap();
+        let at = item.get("expires_at").map(|v| v.as_n().unwrap().clone());
+        assert_eq!(at, expiry);
+    }
 }

@@ -983,7 +983,9 @@ async fn list_keys(
     ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    let keys = st.store().list_keys(&site_id).await?;
+    let mut keys = st.store().list_keys(&site_id).await?;
+    // DynamoDB's TTL deletes an expired key up to two days late.
+    keys.retain(|k| k.kept_at(now_ms() / 1000));
     Ok(json(
         StatusCode::OK,
         &json!({"items": keys.iter().map(key_view).collect::<Vec<_>>()}),

@@ -476,18 +476,22 @@ impl DynamoStore {
         Ok(items)
     }
 
-    /// Rewrite the `d` of an existing item by read-modify-write.
+    /// Rewrite the `d` of an existing item by read-modify-write; `change` may give
+    /// the item an `expires_at` (for TTL) too.
     async fn update_data<T: Serialize + DeserializeOwned>(
         &self,
         key_item: Item,
-        change: impl FnOnce(&mut T),
+        change: impl FnOnce(&mut T) -> Option<u64>,
     ) -> Result<Option<(Item, T)>> {
         let Some(item) = self.get_item(key_item, true).await? else {
             return Ok(None);
         };
         let mut v: T = data(&item)?;
-        change(&mut v);
-        let item = with_data(item, &v);
+        let expires_at = change(&mut v);
+        let mut item = with_data(item, &v);
+        if let Some(at) = expires_at {
+            item.insert(TTL_ATTRIBUTE.into(), n(at));
+        }
         self.put_item(item.clone()).await?;
         Ok(Some((item, v)))
     }
@@ -1043,6 +1047,7 @@ impl TokenStore for DynamoStore {
         let updated = self
             .update_data::<Token>(key(format!("TOKEN#{token_id}"), "TOKEN"), |t| {
                 t.revoked_at.get_or_insert(now);
+                None
             })
             .await?;
         Ok(updated.map(|(_, t)| t).or(Some(token)))
@@ -1085,7 +1090,8 @@ impl KeyStore for DynamoStore {
         let k: ApiKey = data(&item)?;
         let updated = self
             .update_data::<ApiKey>(key(format!("KEYHASH#{}", k.key_hash), "KEY"), |k| {
-                k.revoked_at.get_or_insert(now);
+                // TTL deletes the key once it is past the time it stays listed.
+                Some(*k.revoked_at.get_or_insert(now) + crate::domain::REVOKED_KEY_KEPT_SECS)
             })
             .await?;
         Ok(updated.map(|(_, k)| k))

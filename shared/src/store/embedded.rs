@@ -1083,9 +1083,10 @@ type PurgeBatch = fn(&WriteTransaction, &str, u64, usize) -> Result<(u64, Option
 
 impl EmbeddedStore {
     async fn purge(&self, now_s: u64, batch: usize) -> Result<u64> {
-        let steps: [(PurgeBatch, u64); 2] = [
+        let steps: [(PurgeBatch, u64); 3] = [
             (purge_audit, audit_kept_since_ms(now_s)),
             (purge_quiet_failed_attempts, now_s * 1000),
+            (purge_old_revoked_keys, now_s),
         ];
         let mut purged = 0;
         for (f, before) in steps {
@@ -1188,6 +1189,37 @@ fn purge_quiet_failed_attempts(
     }
     for k in quiet {
         t.remove(k.as_str()).map_err(unavailable)?;
+    }
+    Ok((0, next))
+}
+
+/// Drop the API keys revoked longer ago than they are kept
+/// ([`ApiKey::kept_at`]), with their hashes (the DynamoDB store's expire by TTL).
+/// Not counted as purged records.
+fn purge_old_revoked_keys(
+    txn: &WriteTransaction,
+    from: &str,
+    now_s: u64,
+    batch: usize,
+) -> Result<(u64, Option<String>)> {
+    let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+    let mut old = Vec::new();
+    let mut next = None;
+    for (i, row) in keys.range(from..).map_err(unavailable)?.enumerate() {
+        let (k, v) = row.map_err(unavailable)?;
+        if i == batch {
+            next = Some(k.value().to_owned());
+            break;
+        }
+        let key: ApiKey = decode(v.value())?;
+        if !key.kept_at(now_s) {
+            old.push((k.value().to_owned(), key.key_hash));
+        }
+    }
+    let mut hashes = txn.open_table(KEY_HASH).map_err(unavailable)?;
+    for (k, hash) in old {
+        keys.remove(k.as_str()).map_err(unavailable)?;
+        hashes.remove(hash.as_str()).map_err(unavailable)?;
     }
     Ok((0, next))
 }
