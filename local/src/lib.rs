@@ -283,7 +283,11 @@ pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
     let origin = listener.local_addr()?;
     let now = now_ms() / 1000;
 
-    let existing = store.list_sites(Some(OWNER)).await?.into_iter().next();
+    let existing = store
+        .list_sites_page(Some(OWNER), 1, None)
+        .await?
+        .items
+        .pop();
     let (site, secret) = match existing {
         Some(mut site) => {
             let secret = sealing

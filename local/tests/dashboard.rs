@@ -93,10 +93,47 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     assert_eq!(bobs["items"].as_array().unwrap().len(), 0);
     let all: Value = app.get_json(&admin, "/api/sites").await;
     assert_eq!(all["items"].as_array().unwrap().len(), 1);
+    assert_eq!(all["next_cursor"], Value::Null);
     assert!(
         !all.to_string().contains("signing_secret"),
         "secrets are shown once only"
     );
+    // Site lists come in pages, in site-id order: an admin's has every owner's.
+    let mut bobs_sites = Vec::new();
+    for _ in 0..2 {
+        let site = app.create_site(&bob, "https://api.example.com").await;
+        bobs_sites.push(site["site_id"].as_str().unwrap().to_owned());
+    }
+    bobs_sites.sort();
+    let mut every = [bobs_sites.clone(), vec![s.site_id.clone()]].concat();
+    every.sort();
+    for (jwt, expected) in [(&admin, &every), (&bob, &bobs_sites)] {
+        let (mut seen, mut query) = (Vec::new(), "limit=1".to_owned());
+        loop {
+            let page: Value = app.get_json(jwt, &format!("/api/sites?{query}")).await;
+            let items = page["items"].as_array().unwrap();
+            assert_eq!(items.len(), 1);
+            seen.push(items[0]["site_id"].as_str().unwrap().to_owned());
+            match page["next_cursor"].as_str() {
+                Some(c) => query = format!("limit=1&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(&seen, expected);
+    }
+    let alices: Value = app.get_json(&s.owner, "/api/sites").await;
+    assert_eq!(alices["items"][0]["site_id"], s.site_id.as_str());
+    assert_eq!(alices["items"].as_array().unwrap().len(), 1);
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("cursor=tok_0000000000000000", "cursor"),
+        ("owner=bob", "owner"),
+    ] {
+        let res = app.get(&admin, &format!("/api/sites?{query}")).await;
+        assert_eq!(res.status(), 422, "{query}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
 
     // Consumers cannot manage sites, but see tokens assigned to them, with usage.
     assert_eq!(app.get(&carol, "/api/sites").await.status(), 403);
@@ -202,7 +239,13 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
         .iter()
         .all(|e| e["actor"].is_string() && e["timestamp"].is_string()));
     let bob_trail: Value = app.get_json(&bob, "/api/audit-trail").await;
-    assert_eq!(bob_trail["items"].as_array().unwrap().len(), 0);
+    let bobs_changes: Vec<&str> = (bob_trail["items"].as_array().unwrap().iter())
+        .map(|e| e["site_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(bobs_changes.len(), 2, "his two sites, none of alice's");
+    assert!(bobs_changes
+        .iter()
+        .all(|id| bobs_sites.iter().any(|b| b == id)));
     // An admin's change to a site is in its owner's trail too.
     app.create_key(&admin, &s.site_id).await;
     let owner_trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;

@@ -154,17 +154,34 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
         Err(StoreError::Changed(_))
     ));
     assert_eq!(store.get_site(&unknown.site_id).await.unwrap(), None);
-    let mine = store.list_sites(Some(&owner)).await.unwrap();
-    assert_eq!(mine.len(), 2);
-    assert!(store.list_sites(Some("nobody")).await.unwrap().is_empty());
-    let every: Vec<String> = store
-        .list_sites(None)
+    // An owner's sites and every site, in pages, in site-id order.
+    let mut mine = vec![a.site_id.clone(), b.site_id.clone()];
+    mine.sort();
+    let site_id = |s: &Site| s.site_id.clone();
+    for (owner, limit) in [(Some(&owner), 1), (Some(&owner), 2), (None, 1), (None, 3)] {
+        let seen = pages(limit, site_id, |after| {
+            let (store, owner) = (store.clone(), owner.cloned());
+            async move {
+                let page = store.list_sites_page(owner.as_deref(), limit, after.as_deref());
+                page.await.unwrap()
+            }
+        })
+        .await;
+        assert!(
+            seen.is_sorted() && seen.windows(2).all(|w| w[0] != w[1]),
+            "{seen:?}"
+        );
+        match owner {
+            Some(_) => assert_eq!(seen, mine, "limit {limit}"),
+            // Other tests' sites may share the table.
+            None => assert!(mine.iter().all(|s| seen.contains(s)), "{seen:?}"),
+        }
+    }
+    let nobody = store
+        .list_sites_page(Some("nobody"), 10, None)
         .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.site_id)
-        .collect();
-    assert!(mine.iter().all(|s| every.contains(&s.site_id)), "{every:?}");
+        .unwrap();
+    assert!(nobody.items.is_empty() && nobody.next_cursor.is_none());
 
     let p = plan(&a.site_id, 60, 1000);
     store.create_plan(&p).await.unwrap();
@@ -218,21 +235,23 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
     assert!(store.delete_site(&b.site_id).await.unwrap());
     assert_eq!(store.get_site(&b.site_id).await.unwrap(), None);
     assert!(!store.delete_site(&b.site_id).await.unwrap());
-    assert_eq!(store.list_sites(Some(&owner)).await.unwrap().len(), 1);
+    let left = store.list_sites_page(Some(&owner), 10, None).await.unwrap();
+    let left: Vec<&str> = left.items.iter().map(|s| s.site_id.as_str()).collect();
+    assert_eq!(left, [a.site_id.as_str()]);
     store.ping().await.unwrap();
 }
 
-/// The token ids of a listing read to its end, `limit` at a time from `page(after)`.
-async fn token_pages<F, Fut>(limit: usize, page: F) -> Vec<String>
+/// The ids of a listing read to its end, `limit` at a time from `page(after)`.
+async fn pages<T, F, Fut>(limit: usize, id: impl Fn(&T) -> String, page: F) -> Vec<String>
 where
     F: Fn(Option<String>) -> Fut,
-    Fut: std::future::Future<Output = Page<Token>>,
+    Fut: std::future::Future<Output = Page<T>>,
 {
     let (mut seen, mut after) = (Vec::new(), None);
     loop {
         let page = page(after.take()).await;
         assert!(page.items.len() <= limit);
-        seen.extend(page.items.into_iter().map(|t| t.token_id));
+        seen.extend(page.items.iter().map(&id));
         match page.next_cursor {
             Some(c) => after = Some(c),
             None => return seen,
@@ -293,13 +312,17 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         .collect();
     all.sort();
     for limit in [1, 2, 5, 10] {
-        let seen = token_pages(limit, |after| {
-            let (store, site_id) = (store.clone(), s.site_id.clone());
-            async move {
-                let page = store.list_tokens_page(&site_id, limit, after.as_deref());
-                page.await.unwrap()
-            }
-        })
+        let seen = pages(
+            limit,
+            |t: &Token| t.token_id.clone(),
+            |after| {
+                let (store, site_id) = (store.clone(), s.site_id.clone());
+                async move {
+                    let page = store.list_tokens_page(&site_id, limit, after.as_deref());
+                    page.await.unwrap()
+                }
+            },
+        )
         .await;
         assert_eq!(seen, all, "limit {limit}");
     }
@@ -333,13 +356,17 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
     }
     mine.sort();
     for limit in [1, 2, 3, 10] {
-        let seen = token_pages(limit, |after| {
-            let (store, consumer) = (store.clone(), consumer.clone());
-            async move {
-                let page = store.list_consumer_tokens_page(&consumer, limit, after.as_deref());
-                page.await.unwrap()
-            }
-        })
+        let seen = pages(
+            limit,
+            |t: &Token| t.token_id.clone(),
+            |after| {
+                let (store, consumer) = (store.clone(), consumer.clone());
+                async move {
+                    let page = store.list_consumer_tokens_page(&consumer, limit, after.as_deref());
+                    page.await.unwrap()
+                }
+            },
+        )
         .await;
         assert_eq!(seen, mine, "limit {limit}");
     }

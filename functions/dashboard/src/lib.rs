@@ -300,7 +300,11 @@ async fn create_site(
         secret_query_params: b.secret_query_params,
     }
     .apply(&st, &mut site)?;
-    let owned = st.store().list_sites(Some(&p.sub)).await?.len();
+    let owned = (st.store())
+        .list_sites_page(Some(&p.sub), MAX_SITES_PER_OWNER, None)
+        .await?
+        .items
+        .len();
     room_for("you own", owned, "sites", MAX_SITES_PER_OWNER, "delete")?;
     st.store().create_site(&site).await?;
     trail(&st, &p, "site.create", &site, None).await?;
@@ -309,15 +313,29 @@ async fn create_site(
     Ok(json(StatusCode::CREATED, &v))
 }
 
-async fn list_sites(State(st): State<AppState>, Extension(p): P) -> ApiResult {
-    let sites = match p.role {
-        Role::Admin => st.store().list_sites(None).await?,
-        Role::SiteOwner => st.store().list_sites(Some(&p.sub)).await?,
+/// A page of the user's sites (an admin's: every site), in site-id order (`limit`
+/// 1-1000, default 100, so an owner's, at most 100, come in one); `next_cursor`
+/// continues it.
+async fn list_sites(
+    State(st): State<AppState>,
+    Extension(p): P,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let owner = match p.role {
+        Role::Admin => None,
+        Role::SiteOwner => Some(p.sub.as_str()),
         Role::Consumer => return Err(ApiError::Forbidden("consumers cannot list sites".into())),
     };
+    let q = params(q, &["limit", "cursor"])?;
+    let limit = parse_limit(&q)?;
+    let after = parse_cursor(&q, |c| ids::is_id(c, "site_").then_some(c))?;
+    let page = st.store().list_sites_page(owner, limit, after).await?;
     Ok(json(
         StatusCode::OK,
-        &json!({"items": sites.iter().map(site_view).collect::<Vec<_>>()}),
+        &json!({
+            "items": page.items.iter().map(site_view).collect::<Vec<_>>(),
+            "next_cursor": page.next_cursor,
+        }),
     ))
 }
 

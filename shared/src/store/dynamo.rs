@@ -807,24 +807,23 @@ impl SiteStore for DynamoStore {
             .map(|i| data(&i))
             .transpose()
     }
-    async fn list_sites(&self, owner: Option<&str>) -> Result<Vec<Site>> {
-        let items = match owner {
-            Some(o) => {
-                self.query_all(
-                    Some(GSI1),
-                    "gsi1pk",
-                    &format!("OWNER#{o}"),
-                    Some(("gsi1sk", "SITE#")),
-                )
-                .await?
-            }
-            // Admin listing: every site is in one gsi2 partition (sites are few; a
-            // scan would read every item of the table, audit records included).
-            None => self.query_all(Some(GSI2), "gsi2pk", "SITES", None).await?,
+    async fn list_sites_page(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Site>> {
+        let (index, partition) = match owner {
+            Some(o) => ((GSI1, "gsi1pk", "gsi1sk"), format!("OWNER#{o}")),
+            // Admin listing: every site is in one gsi2 partition (a scan would read
+            // every item of the table, audit records included).
+            None => ((GSI2, "gsi2pk", "gsi2sk"), "SITES".to_owned()),
         };
-        let mut sites: Vec<Site> = items.iter().map(data).collect::<Result<_>>()?;
-        sites.sort_by(|a, b| a.site_id.cmp(&b.site_id));
-        Ok(sites)
+        let start = after.map(|id| key(format!("SITE#{id}"), "SITE"));
+        self.index_page(index, partition, "SITE#", limit, start, |s: &Site| {
+            s.site_id.clone()
+        })
+        .await
     }
 }
 
@@ -903,15 +902,34 @@ impl DynamoStore {
     /// key, sort key)`), whose sort key is `TOKEN#{token_id}`: in token-id order.
     async fn tokens_page(
         &self,
-        (index, pk, sk): (&str, &str, &str),
+        index: (&str, &str, &str),
         partition: String,
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Token>> {
-        let start = after.map(|id| {
-            let mut k = key(format!("TOKEN#{id}"), "TOKEN");
+        let start = after.map(|id| key(format!("TOKEN#{id}"), "TOKEN"));
+        self.index_page(index, partition, "TOKEN#", limit, start, |t: &Token| {
+            t.token_id.clone()
+        })
+        .await
+    }
+
+    /// A page of the records in one partition of an index (`(name, partition key,
+    /// sort key)`) whose sort keys are `{prefix}{id}`, in id order, from after the
+    /// record whose table key is `start` (its `pk` is `{prefix}{id}` too).
+    async fn index_page<T: DeserializeOwned>(
+        &self,
+        (index, pk, sk): (&str, &str, &str),
+        partition: String,
+        prefix: &str,
+        limit: usize,
+        start: Option<Item>,
+        id: impl Fn(&T) -> String,
+    ) -> Result<Page<T>> {
+        let start = start.map(|mut k| {
+            let sort = k["pk"].clone();
             k.insert(pk.into(), s(&partition));
-            k.insert(sk.into(), s(format!("TOKEN#{id}")));
+            k.insert(sk.into(), sort);
             k
         });
         let q = self
@@ -919,11 +937,13 @@ impl DynamoStore {
             .query()
             .table_name(&*self.table)
             .index_name(index)
-            .key_condition_expression("#pk = :pk")
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
             .expression_attribute_names("#pk", pk)
-            .expression_attribute_values(":pk", s(&partition));
+            .expression_attribute_names("#sk", sk)
+            .expression_attribute_values(":pk", s(&partition))
+            .expression_attribute_values(":prefix", s(prefix));
         let items = self.query_up_to(q, limit + 1, start).await?;
-        Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
+        Ok(page_of(items, limit, id))
     }
 }
 

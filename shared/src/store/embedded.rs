@@ -568,18 +568,29 @@ impl SiteStore for EmbeddedStore {
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.read_table(SITES, |t| get(t, site_id))
     }
-    async fn list_sites(&self, owner: Option<&str>) -> Result<Vec<Site>> {
-        self.read_table(SITES, |t| {
+    async fn list_sites_page(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Site>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        // Sites are keyed by id: an owner's are found by reading on until the page is full.
+        let items = self.read_table(SITES, |t| {
+            let start = after.map_or(Unbounded, Excluded);
             let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (_, v) = row.map_err(unavailable)?;
-                let site: Site = decode(v.value())?;
+            for row in t.range::<&str>((start, Unbounded)).map_err(unavailable)? {
+                let site: Site = decode(row.map_err(unavailable)?.1.value())?;
                 if owner.is_none_or(|o| site.owner == o) {
                     out.push(site);
+                    if out.len() > limit {
+                        break;
+                    }
                 }
             }
             Ok(out)
-        })
+        })?;
+        Ok(page_of(items, limit, |s: &Site| s.site_id.clone()))
     }
 }
 

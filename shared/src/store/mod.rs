@@ -120,8 +120,14 @@ pub trait SiteStore: Send + Sync {
     /// plans are the caller's to revoke or delete first.)
     async fn delete_site(&self, site_id: &str) -> Result<bool>;
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>>;
-    /// All sites, or those of one owner.
-    async fn list_sites(&self, owner: Option<&str>) -> Result<Vec<Site>>;
+    /// A page of the owner's sites (every site for `None`), in site-id order, from
+    /// after the site id `after`: at most `limit`, with the cursor to go on from.
+    async fn list_sites_page(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<Site>>;
 }
 
 #[async_trait]
