@@ -941,7 +941,7 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     let p: Value = res.json().await.unwrap();
     assert_eq!(
         p["detail"],
-        "1 active token(s) use this plan: revoke them first"
+        "1 active token(s) use this plan: move them to another plan or revoke them first"
     );
     assert_eq!(app.proxy_get(&s.site_id, "/", &s.token).await.status(), 200);
     let other = app.jwt("mallory", Role::SiteOwner);
@@ -1278,6 +1278,80 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
         .collect();
     assert_eq!(actions.first(), Some(&"site.delete"));
     assert!(actions.contains(&"site.create"), "{actions:?}");
+}
+
+/// Deleting a plan counts, and deleting a site revokes, the tokens on every page of
+/// the site's token list (pages of 1000), not only the first. On the embedded store
+/// only: the paging is the dashboard's (each store's pages are checked in
+/// conformance.rs), and 1001 tokens take the DynamoDB test server minutes.
+#[tokio::test]
+async fn deleting_a_plan_or_a_site_reaches_every_token_however_many() {
+    use futures_util::{StreamExt, TryStreamExt};
+    use payfence_core::domain::Token;
+    let dir = tempfile::tempdir().unwrap();
+    let local = payfence_local::Local::open(dir.path(), test_config()).unwrap();
+    let app = spawn_local(local, dir).await;
+    let s = app.setup(600, 1000).await;
+    let other = app
+        .create_named_plan(&s.owner, &s.site_id, "other", 60, 10)
+        .await;
+    let store = app.local.state.store().clone();
+    let token = |token_id: String, plan_id: &str| Token {
+        token_id,
+        site_id: s.site_id.clone(),
+        plan_id: plan_id.to_owned(),
+        token_hash: payfence_core::ids::hash_secret(&payfence_core::ids::consumer_token()),
+        label: None,
+        consumer: None,
+        created_at: 1,
+        revoked_at: None,
+    };
+    // 1000 tokens on the setup plan; the last token of all, on `other`, is on page 2.
+    let mut tokens: Vec<Token> = (0..1000)
+        .map(|_| token(payfence_core::ids::token_id(), &s.plan_id))
+        .collect();
+    tokens.push(token("tok_ffffffffffffffff".into(), &other));
+    futures_util::stream::iter(tokens)
+        .map(|t| {
+            let store = store.clone();
+            async move { store.create_token(&t).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let res = app
+        .delete(&s.owner, &format!("/api/sites/{}/plans/{other}", s.site_id))
+        .await;
+    assert_eq!(res.status(), 409);
+    let p: Value = res.json().await.unwrap();
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 active token(s)"),
+        "{p}"
+    );
+    let res = app
+        .delete(&s.owner, &format!("/api/sites/{}", s.site_id))
+        .await;
+    assert_eq!(res.status(), 204);
+    for id in [s.token_id.as_str(), "tok_ffffffffffffffff"] {
+        let stored = store.get_token(&s.site_id, id).await.unwrap().unwrap();
+        assert!(stored.revoked_at.is_some(), "{id}");
+    }
+    let (mut after, mut active) = (None, 0);
+    loop {
+        let page = (store.list_tokens_page(&s.site_id, 1000, after.as_deref()))
+            .await
+            .unwrap();
+        active += page.items.iter().filter(|t| t.revoked_at.is_none()).count();
+        match page.next_cursor {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(active, 0);
 }
 
 #[tokio::test]

@@ -431,16 +431,19 @@ async fn delete_site(
     use futures_util::{StreamExt, TryStreamExt};
     let site = managed_site(&st, &p, &site_id).await?;
     let (store, now) = (st.store(), now_ms() / 1000);
-    let active = store.list_tokens(&site_id).await?.into_iter();
-    let active = active.filter(|t| t.revoked_at.is_none());
-    futures_util::stream::iter(active)
-        .map(|t| {
-            let (store, site_id) = (store.clone(), site_id.clone());
-            async move { store.revoke_token(&site_id, &t.token_id, now).await }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await?;
+    each_token_page(&st, &site_id, |tokens| async {
+        let active = tokens.into_iter().filter(|t| t.revoked_at.is_none());
+        futures_util::stream::iter(active)
+            .map(|t| {
+                let (store, site_id) = (store.clone(), site_id.clone());
+                async move { store.revoke_token(&site_id, &t.token_id, now).await }
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    })
+    .await?;
     for key in store.list_keys(&site_id).await? {
         if key.revoked_at.is_none() {
             store.revoke_key(&site_id, &key.key_id, now).await?;
@@ -456,6 +459,26 @@ async fn delete_site(
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "site.delete", &site, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Every token of the site, handed to `each` a page at a time in token-id order, so
+/// that memory stays bounded however many tokens the site has.
+async fn each_token_page<F, Fut>(st: &AppState, site_id: &str, mut each: F) -> Result<(), ApiError>
+where
+    F: FnMut(Vec<Token>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>>,
+{
+    let mut after: Option<String> = None;
+    loop {
+        let page = (st.store())
+            .list_tokens_page(site_id, 1000, after.as_deref())
+            .await?;
+        each(page.items).await?;
+        match page.next_cursor {
+            Some(c) => after = Some(c),
+            None => return Ok(()),
+        }
+    }
 }
 
 /// An optional JSON object body: an empty (or all-blank) one is `T::default()`.
@@ -732,16 +755,17 @@ async fn delete_plan(
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
     find_plan(&st, &site_id, &plan_id).await?;
-    let active = st
-        .store()
-        .list_tokens(&site_id)
-        .await?
-        .iter()
-        .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
-        .count();
+    let mut active = 0;
+    each_token_page(&st, &site_id, |tokens| {
+        active += (tokens.iter())
+            .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
+            .count();
+        async { Ok(()) }
+    })
+    .await?;
     if active > 0 {
         return Err(ApiError::Conflict(format!(
-            "{active} active token(s) use this plan: revoke them first"
+            "{active} active token(s) use this plan: move them to another plan or revoke them first"
         )));
     }
     if !st.store().delete_plan(&site_id, &plan_id).await? {

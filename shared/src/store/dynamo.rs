@@ -1004,18 +1004,6 @@ impl TokenStore for DynamoStore {
         };
         self.get_token(site_id, token_id).await
     }
-    async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>> {
-        self.query_all(
-            Some(GSI1),
-            "gsi1pk",
-            &format!("SITE#{site_id}#TOKENS"),
-            None,
-        )
-        .await?
-        .iter()
-        .map(data)
-        .collect()
-    }
     async fn list_tokens_page(
         &self,
         site_id: &str,

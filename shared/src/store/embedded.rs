@@ -657,9 +657,6 @@ impl TokenStore for EmbeddedStore {
             }
         })
     }
-    async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>> {
-        self.read_table(TOKENS, |t| list_prefix(t, site_id))
-    }
     async fn list_tokens_page(
         &self,
         site_id: &str,

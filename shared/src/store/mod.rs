@@ -148,7 +148,6 @@ pub trait TokenStore: Send + Sync {
     async fn create_token(&self, token: &Token) -> Result<()>;
     async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>>;
     async fn token_by_hash(&self, token_hash: &str) -> Result<Option<Token>>;
-    async fn list_tokens(&self, site_id: &str) -> Result<Vec<Token>>;
     /// Up to `limit` of the site's tokens in token-id order, after the token `after`
     /// (the previous page's `next_cursor`, which is the last token id of that page
     /// while more may follow).
