@@ -760,7 +760,7 @@ async fn concurrent_plan_changes_never_undo_each_other() {
 }
 
 #[tokio::test]
-async fn an_api_key_may_carry_a_label_and_bad_bodies_create_nothing() {
+async fn an_api_key_may_carry_a_label_changed_by_a_patch_and_bad_bodies_change_nothing() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     let keys = format!("/api/sites/{}/api-keys", s.site_id);
@@ -839,6 +839,64 @@ async fn an_api_key_may_carry_a_label_and_bad_bodies_create_nothing() {
         .filter(|e| e["action"] == "api_key.create")
         .count();
     assert_eq!(created, 4, "a refused body leaves no entry");
+    // A label is changed, or removed with "", by a PATCH; the key stays as it was.
+    let key_path = format!("{keys}/{}", labelled["key_id"].as_str().unwrap());
+    for (label, shown) in [
+        (json!("billing, v2"), json!("billing, v2")),
+        (json!(""), Value::Null),
+    ] {
+        let res = app
+            .patch(&s.owner, &key_path, json!({"label": label}))
+            .await;
+        assert_eq!(res.status(), 200);
+        let k: Value = res.json().await.unwrap();
+        assert_eq!(
+            (&k["label"], &k["key_id"], k.get("key")),
+            (&shown, &labelled["key_id"], None)
+        );
+        let listed = listed(&app.get_json(&s.owner, &keys).await);
+        assert!(listed.contains(&(k["key_id"].as_str().unwrap().to_owned(), shown)));
+    }
+    let res = app
+        .authorize(
+            labelled["key"].as_str().unwrap(),
+            json!({"token": s.token, "method": "GET", "path": "/"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200, "a relabelled key still works");
+    for (body, field) in [
+        (json!({"label": null}), "label"),
+        (json!({"label": 7}), "label"),
+        (json!({"key": "sk_x"}), "key"),
+    ] {
+        let res = app.patch(&s.owner, &key_path, body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
+    let body = json!({"label": "x"});
+    let mallory = app.jwt("mallory", Role::SiteOwner);
+    assert_eq!(
+        app.patch(&mallory, &key_path, body.clone()).await.status(),
+        404
+    );
+    let carol = app.jwt("carol", Role::Consumer);
+    assert_eq!(
+        app.patch(&carol, &key_path, body.clone()).await.status(),
+        403
+    );
+    let unknown = format!("{keys}/key_0000000000000000");
+    assert_eq!(
+        app.patch(&s.owner, &unknown, body.clone()).await.status(),
+        404
+    );
+    assert_eq!(app.delete(&s.owner, &key_path).await.status(), 204);
+    let res = app.patch(&s.owner, &key_path, body).await;
+    assert_eq!(res.status(), 409, "revocation is final");
+    let trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;
+    let updates = (trail["items"].as_array().unwrap().iter())
+        .filter(|e| e["action"] == "api_key.update")
+        .count();
+    assert_eq!(updates, 2);
 }
 
 #[tokio::test]

@@ -227,7 +227,10 @@ fn request(
             &["GET", "PATCH", "DELETE"],
         ),
         (format!("{s}/api-keys"), &["GET", "POST"]),
-        (format!("{s}/api-keys/key_0000000000000000"), &["DELETE"]),
+        (
+            format!("{s}/api-keys/key_0000000000000000"),
+            &["PATCH", "DELETE"],
+        ),
         (format!("{s}/signing-secret/rotate"), &["POST"]),
         (format!("{s}/webhook"), &["GET", "PUT"]),
         (format!("{s}/logs"), &["GET"]),

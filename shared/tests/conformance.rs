@@ -585,6 +585,53 @@ async fn token_updates(store: Arc<dyn Store>) {
     );
 }
 
+/// A key's label changes only over the key as read: never over a revocation.
+async fn key_updates(store: Arc<dyn Store>) {
+    let s = site("o");
+    store.create_site(&s).await.unwrap();
+    let (was, _) = ApiKey::new(&s.site_id, None, 1);
+    store.create_key(&was).await.unwrap();
+    let now = ApiKey {
+        label: Some("billing".into()),
+        ..was.clone()
+    };
+    store.update_key(&was, &now).await.unwrap();
+    assert_eq!(
+        store.key_by_hash(&was.key_hash).await.unwrap(),
+        Some(now.clone())
+    );
+    assert_eq!(
+        store.list_keys(&s.site_id).await.unwrap(),
+        vec![now.clone()]
+    );
+    // Over a key no longer as read (the label changed, or it was revoked): refused.
+    assert!(matches!(
+        store.update_key(&was, &was).await,
+        Err(StoreError::Changed(_))
+    ));
+    store.revoke_key(&s.site_id, &was.key_id, 7).await.unwrap();
+    let relabelled = ApiKey {
+        label: Some("again".into()),
+        ..now.clone()
+    };
+    assert!(matches!(
+        store.update_key(&now, &relabelled).await,
+        Err(StoreError::Changed(_))
+    ));
+    let stored = store.key_by_hash(&was.key_hash).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.revoked_at, stored.label.as_deref()),
+        (Some(7), Some("billing")),
+        "still revoked"
+    );
+    let (ghost, _) = ApiKey::new(&s.site_id, None, 1);
+    assert!(matches!(
+        store.update_key(&ghost, &ghost).await,
+        Err(StoreError::Changed(_))
+    ));
+    assert_eq!(store.key_by_hash(&ghost.key_hash).await.unwrap(), None);
+}
+
 /// The store decides exactly as the pure limits arithmetic, across minute boundaries.
 async fn sliding_window_matches_the_pure_model(store: Arc<dyn Store>) {
     use payfence_core::limits::{evaluate, SecondWindow, TokenUsage};
@@ -974,6 +1021,7 @@ conformance!(
     quota_exact_under_concurrency_and_events_once,
     revocation_and_missing_tokens,
     token_updates,
+    key_updates,
     sliding_window_matches_the_pure_model,
     audit_filters_and_cursor,
     audit_of_decisions_from_overlapping_waves,

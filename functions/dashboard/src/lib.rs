@@ -53,7 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/api-keys"), post(create_key).get(list_keys))
         .route(
             &site("/api-keys/{key_id}"),
-            axum::routing::delete(revoke_key),
+            axum::routing::patch(update_key).delete(revoke_key),
         )
         .route(&site("/logs"), get(query_logs))
         .route(&site("/logs/export"), get(export_logs))
@@ -1032,6 +1032,39 @@ async fn list_keys(
         StatusCode::OK,
         &json!({"items": keys.iter().map(key_view).collect::<Vec<_>>()}),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    #[serde(default, deserialize_with = "not_null")]
+    label: Option<String>,
+}
+
+/// Relabel an active API key (`""` removes the label); the key itself stays.
+async fn update_key(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath((site_id, key_id)): ApiPath<(String, String)>,
+    ApiJson(b): ApiJson<UpdateKey>,
+) -> ApiResult {
+    let site = managed_site(&st, &p, &site_id).await?;
+    let now_s = now_ms() / 1000;
+    let was = (st.store().list_keys(&site_id).await?.into_iter())
+        .find(|k| k.key_id == key_id && k.kept_at(now_s))
+        .ok_or_else(|| not_found("API key"))?;
+    if was.revoked_at.is_some() {
+        return Err(ApiError::Conflict(
+            "the API key is revoked, which is final: create a new one".into(),
+        ));
+    }
+    let mut now = was.clone();
+    if let Some(v) = b.label {
+        now.label = name_or_none("label", &v, 100)?;
+    }
+    st.store().update_key(&was, &now).await?;
+    trail(&st, &p, "api_key.update", &site, Some(&key_id)).await?;
+    Ok(json(StatusCode::OK, &key_view(&now)))
 }
 
 async fn revoke_key(

@@ -392,6 +392,28 @@ impl DynamoStore {
         }
     }
 
+    /// Replace the item at `record` with `now(stored item)` if its record is still
+    /// `was`; otherwise `Changed(id)`. The put is conditional on the `d` exactly as
+    /// read, so a revocation or another change meanwhile is never written over.
+    async fn put_over<T: DeserializeOwned + PartialEq>(
+        &self,
+        record: Item,
+        was: &T,
+        id: &str,
+        now: impl FnOnce(Item) -> Item,
+    ) -> Result<()> {
+        let changed = || StoreError::Changed(id.to_owned());
+        let Some(stored) = self.get_item(record, true).await? else {
+            return Err(changed());
+        };
+        if data::<T>(&stored)? != *was {
+            return Err(changed());
+        }
+        let read = Item::from([(":was".into(), stored["d"].clone())]);
+        self.put_if(now(stored), "d = :was", Some(read), changed())
+            .await
+    }
+
     /// Put only if no item has this key; `Conflict` otherwise.
     async fn put_new(&self, item: Item, what: &str) -> Result<()> {
         let refused = StoreError::Conflict(what.into());
@@ -1025,17 +1047,8 @@ impl TokenStore for DynamoStore {
             .await
     }
     async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
-        let changed = || StoreError::Changed(was.token_id.clone());
         let record = key(format!("TOKEN#{}", was.token_id), "TOKEN");
-        let Some(stored) = self.get_item(record, true).await? else {
-            return Err(changed());
-        };
-        if data::<Token>(&stored)? != *was {
-            return Err(changed());
-        }
-        // Over the record exactly as read: a revocation meanwhile rewrites its `d`.
-        let read = Item::from([(":was".into(), stored["d"].clone())]);
-        self.put_if(token_item(now), "d = :was", Some(read), changed())
+        self.put_over(record, was, &was.token_id, |_| token_item(now))
             .await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
@@ -1103,6 +1116,11 @@ impl KeyStore for DynamoStore {
             })
             .await?;
         Ok(updated.map(|(_, k)| k))
+    }
+    async fn update_key(&self, was: &ApiKey, now: &ApiKey) -> Result<()> {
+        let record = key(format!("KEYHASH#{}", was.key_hash), "KEY");
+        self.put_over(record, was, &was.key_id, |stored| with_data(stored, now))
+            .await
     }
 }
 

@@ -474,6 +474,25 @@ impl EmbeddedStore {
     }
 
     /// Set the `revoked_at` of the record at `key` (once); the record, if it exists.
+    /// Store `now` at `key` if the record there is still `was`; otherwise
+    /// `Changed(id)`.
+    async fn replace_if<T>(&self, def: Def, key: String, was: &T, now: &T, id: &str) -> Result<()>
+    where
+        T: Serialize + DeserializeOwned + PartialEq + Clone + Send + 'static,
+    {
+        let (was, now, id) = (was.clone(), now.clone(), id.to_owned());
+        self.write(move |txn| {
+            let mut t = txn.open_table(def).map_err(unavailable)?;
+            if get::<T>(&t, &key)?.as_ref() != Some(&was) {
+                return Ok(Err(StoreError::Changed(id)));
+            }
+            t.insert(key.as_str(), encode(&now).as_slice())
+                .map_err(unavailable)?;
+            Ok(Ok(()))
+        })
+        .await?
+    }
+
     async fn revoke<T: Serialize + DeserializeOwned + Send + 'static>(
         &self,
         def: Def,
@@ -691,18 +710,8 @@ impl TokenStore for EmbeddedStore {
         Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
     async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
-        let (was, now) = (was.clone(), now.clone());
-        self.write(move |txn| {
-            let key = format!("{}/{}", was.site_id, was.token_id);
-            let mut t = txn.open_table(TOKENS).map_err(unavailable)?;
-            if get::<Token>(&t, &key)?.as_ref() != Some(&was) {
-                return Ok(Err(StoreError::Changed(was.token_id)));
-            }
-            t.insert(key.as_str(), encode(&now).as_slice())
-                .map_err(unavailable)?;
-            Ok(Ok(()))
-        })
-        .await?
+        let key = format!("{}/{}", was.site_id, was.token_id);
+        self.replace_if(TOKENS, key, was, now, &was.token_id).await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
         let revoked = self
@@ -761,6 +770,10 @@ impl KeyStore for EmbeddedStore {
             |k: &mut ApiKey| &mut k.revoked_at,
         )
         .await
+    }
+    async fn update_key(&self, was: &ApiKey, now: &ApiKey) -> Result<()> {
+        let key = format!("{}/{}", was.site_id, was.key_id);
+        self.replace_if(KEYS, key, was, now, &was.key_id).await
     }
 }
 

@@ -179,6 +179,10 @@ pub trait KeyStore: Send + Sync {
     async fn key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>>;
     async fn list_keys(&self, site_id: &str) -> Result<Vec<ApiKey>>;
     async fn revoke_key(&self, site_id: &str, key_id: &str, now: u64) -> Result<Option<ApiKey>>;
+    /// Store `now` (the same key with another label) if the stored key is still
+    /// `was`; otherwise `Changed` (revoked, changed or deleted meanwhile), as
+    /// `TokenStore::update_token` does.
+    async fn update_key(&self, was: &ApiKey, now: &ApiKey) -> Result<()>;
 }
 
 #[async_trait]
