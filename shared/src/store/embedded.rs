@@ -1195,22 +1195,8 @@ fn purge_quiet_failed_attempts(
     now_ms: u64,
     batch: usize,
 ) -> Result<(u64, Option<String>)> {
-    let mut t = txn.open_table(FAILED).map_err(unavailable)?;
-    let mut quiet = Vec::new();
-    let mut next = None;
-    for (i, row) in t.range(from..).map_err(unavailable)?.enumerate() {
-        let (k, v) = row.map_err(unavailable)?;
-        if i == batch {
-            next = Some(k.value().to_owned());
-            break;
-        }
-        if decode::<SlidingWindow>(v.value())?.used(now_ms) == 0 {
-            quiet.push(k.value().to_owned());
-        }
-    }
-    for k in quiet {
-        t.remove(k.as_str()).map_err(unavailable)?;
-    }
+    let quiet = |w: &SlidingWindow| w.used(now_ms) == 0;
+    let (_, next) = drop_where(txn, FAILED, from, batch, quiet)?;
     Ok((0, next))
 }
 
@@ -1223,26 +1209,40 @@ fn purge_old_revoked_keys(
     now_s: u64,
     batch: usize,
 ) -> Result<(u64, Option<String>)> {
-    let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-    let mut old = Vec::new();
-    let mut next = None;
-    for (i, row) in keys.range(from..).map_err(unavailable)?.enumerate() {
+    let (old, next) = drop_where(txn, KEYS, from, batch, |k: &ApiKey| !k.kept_at(now_s))?;
+    let mut hashes = txn.open_table(KEY_HASH).map_err(unavailable)?;
+    for k in old {
+        hashes.remove(k.key_hash.as_str()).map_err(unavailable)?;
+    }
+    Ok((0, next))
+}
+
+/// Of `batch` records of `def` from the key `from` on, drop those `gone` picks: the
+/// dropped records, and the key to go on from, if there is more.
+fn drop_where<T: DeserializeOwned>(
+    txn: &WriteTransaction,
+    def: Def,
+    from: &str,
+    batch: usize,
+    gone: impl Fn(&T) -> bool,
+) -> Result<(Vec<T>, Option<String>)> {
+    let mut t = txn.open_table(def).map_err(unavailable)?;
+    let (mut dropped, mut next) = (Vec::new(), None);
+    for (i, row) in t.range(from..).map_err(unavailable)?.enumerate() {
         let (k, v) = row.map_err(unavailable)?;
         if i == batch {
             next = Some(k.value().to_owned());
             break;
         }
-        let key: ApiKey = decode(v.value())?;
-        if !key.kept_at(now_s) {
-            old.push((k.value().to_owned(), key.key_hash));
+        let record: T = decode(v.value())?;
+        if gone(&record) {
+            dropped.push((k.value().to_owned(), record));
         }
     }
-    let mut hashes = txn.open_table(KEY_HASH).map_err(unavailable)?;
-    for (k, hash) in old {
-        keys.remove(k.as_str()).map_err(unavailable)?;
-        hashes.remove(hash.as_str()).map_err(unavailable)?;
+    for (k, _) in &dropped {
+        t.remove(k.as_str()).map_err(unavailable)?;
     }
-    Ok((0, next))
+    Ok((dropped.into_iter().map(|(_, r)| r).collect(), next))
 }
 
 /// A record waiting to be emitted, ordered by its key.
