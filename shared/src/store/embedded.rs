@@ -473,7 +473,6 @@ impl EmbeddedStore {
         .await?
     }
 
-    /// Set the `revoked_at` of the record at `key` (once); the record, if it exists.
     /// Store `now` at `key` if the record there is still `was`; otherwise
     /// `Changed(id)`.
     async fn replace_if<T>(&self, def: Def, key: String, was: &T, now: &T, id: &str) -> Result<()>
@@ -493,6 +492,7 @@ impl EmbeddedStore {
         .await?
     }
 
+    /// Set the `revoked_at` of the record at `key` (once); the record, if it exists.
     async fn revoke<T: Serialize + DeserializeOwned + Send + 'static>(
         &self,
         def: Def,
