@@ -460,6 +460,41 @@ async fn rate_limit_exact_under_concurrency(store: Arc<dyn Store>) {
     let _ = usage; // counters are at "now", not at NOW; exactness is checked above
 }
 
+/// Many tokens' usage read at once equals each token's own, in the order asked:
+/// past 100 tokens (DynamoDB reads 100 a call), for an id asked twice and for one
+/// that does not exist.
+async fn usage_of_many_tokens_at_once(store: Arc<dyn Store>) {
+    let (s, p, first) = setup(&store, 600, 1000).await;
+    let mut tokens = vec![first];
+    for _ in 0..119 {
+        let t = token(&s.site_id, &p.plan_id, None);
+        store.create_token(&t).await.unwrap();
+        tokens.push(t);
+    }
+    // Uses counted now, read back within the same minute.
+    let now = payfence_core::domain::now_ms();
+    if now % 60_000 > 40_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(60_100 - now % 60_000)).await;
+    }
+    let now = payfence_core::domain::now_ms();
+    for (i, t) in tokens.iter().enumerate().filter(|(i, _)| i % 7 == 0) {
+        for _ in 0..=(i / 7 % 3) {
+            assert!(allowed(&count(&store, count_req(&s, t, &p, now)).await));
+        }
+    }
+    let mut ids: Vec<String> = tokens.iter().map(|t| t.token_id.clone()).collect();
+    ids.extend([ids[7].clone(), "tok_0000000000000000".into()]);
+    let many = store.token_usages(&ids).await.unwrap();
+    let mut one = Vec::new();
+    for id in &ids {
+        one.push(store.token_usage(id).await.unwrap());
+    }
+    assert_eq!(many, one);
+    let used: Vec<u64> = many.iter().map(|u| u.quota.used).collect();
+    assert_eq!((used[0], used[7], used[14], used[120]), (1, 2, 3, 2));
+    assert_eq!(used.iter().filter(|&&n| n > 0).count(), 18 + 1, "{used:?}");
+}
+
 async fn quota_exact_under_concurrency_and_events_once(store: Arc<dyn Store>) {
     let (s, p, t) = setup(&store, 10_000, 100).await;
     let tasks: Vec<_> = (0..64u64)
@@ -1022,6 +1057,7 @@ conformance!(
     revocation_and_missing_tokens,
     token_updates,
     key_updates,
+    usage_of_many_tokens_at_once,
     sliding_window_matches_the_pure_model,
     audit_filters_and_cursor,
     audit_of_decisions_from_overlapping_waves,

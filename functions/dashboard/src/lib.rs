@@ -23,7 +23,7 @@ use payfence_core::http::{
     bearer, json, per_second_limit, request_context, ApiError, ApiJson, ApiPath, LogFields,
     MAX_JSON_BODY_BYTES,
 };
-use payfence_core::limits::{self, period_end_unix, period_of};
+use payfence_core::limits::{self, period_end_unix, period_of, TokenUsage};
 use payfence_core::origin::validate_origin_url;
 use payfence_core::store::{parse_admin_cursor, parse_event_cursor};
 use payfence_core::{ids, AppState};
@@ -786,33 +786,31 @@ fn token_view(t: &Token) -> Value {
 
 async fn token_with_usage(st: &AppState, t: &Token) -> Result<Value, ApiError> {
     let plan = st.store().get_plan(&t.site_id, &t.plan_id).await?;
-    with_usage(st, t, plan.as_ref()).await
+    let usage = st.store().token_usage(&t.token_id).await?;
+    Ok(usage_view(t, &usage, plan.as_ref()))
 }
 
-/// Tokens with their usage, read sixteen tokens at a time, in order. `plans`: the
-/// site's plans, when every token is of that site (else each token's plan is read).
+/// Tokens with their usage (read for all of them at once), in order; `plans` holds
+/// the plans they are on.
 async fn tokens_with_usage(
     st: &AppState,
-    tokens: Vec<Token>,
-    plans: Option<&[Plan]>,
+    tokens: &[Token],
+    plans: &[Plan],
 ) -> Result<Vec<Value>, ApiError> {
-    use futures_util::{StreamExt, TryStreamExt};
-    futures_util::stream::iter(tokens)
-        .map(|t| async move {
-            match plans {
-                Some(ps) => with_usage(st, &t, ps.iter().find(|p| p.plan_id == t.plan_id)).await,
-                None => token_with_usage(st, &t).await,
-            }
-        })
-        .buffered(16)
-        .try_collect()
-        .await
+    let ids: Vec<String> = tokens.iter().map(|t| t.token_id.clone()).collect();
+    let usages = st.store().token_usages(&ids).await?;
+    let plan_of =
+        |t: &Token| (plans.iter()).find(|p| p.site_id == t.site_id && p.plan_id == t.plan_id);
+    Ok(tokens
+        .iter()
+        .zip(&usages)
+        .map(|(t, u)| usage_view(t, u, plan_of(t)))
+        .collect())
 }
 
 /// The token's view with `usage`: this month's and this minute's use against `plan`.
-async fn with_usage(st: &AppState, t: &Token, plan: Option<&Plan>) -> Result<Value, ApiError> {
+fn usage_view(t: &Token, usage: &TokenUsage, plan: Option<&Plan>) -> Value {
     let now = now_ms();
-    let usage = st.store().token_usage(&t.token_id).await?;
     let quota = usage.quota.at(now);
     let mut v = token_view(t);
     v["usage"] = json!({
@@ -824,7 +822,7 @@ async fn with_usage(st: &AppState, t: &Token, plan: Option<&Plan>) -> Result<Val
         "last_minute": usage.window.used(now),
         "requests_per_minute": plan.map(|p| p.requests_per_minute),
     });
-    Ok(v)
+    v
 }
 
 #[derive(Deserialize)]
@@ -884,7 +882,7 @@ async fn list_tokens(
     let after = parse_cursor(&q, token_cursor)?;
     let page = st.store().list_tokens_page(&site_id, limit, after).await?;
     let plans = st.store().list_plans(&site_id).await?;
-    let items = tokens_with_usage(&st, page.items, Some(&plans)).await?;
+    let items = tokens_with_usage(&st, &page.items, &plans).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"items": items, "next_cursor": page.next_cursor}),
@@ -1357,6 +1355,7 @@ async fn my_tokens(
     Extension(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    use futures_util::{StreamExt, TryStreamExt};
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
     let after = parse_cursor(&q, token_cursor)?;
@@ -1364,8 +1363,22 @@ async fn my_tokens(
         .store()
         .list_consumer_tokens_page(&p.sub, limit, after)
         .await?;
-    // The tokens may be of several sites: each token's plan is read with its usage.
-    let items = tokens_with_usage(&st, page.items, None).await?;
+    // The tokens may be of several sites: read each plan they are on, once.
+    let on: std::collections::BTreeSet<(String, String)> = (page.items.iter())
+        .map(|t| (t.site_id.clone(), t.plan_id.clone()))
+        .collect();
+    let plans: Vec<Plan> = futures_util::stream::iter(on)
+        .map(|(site_id, plan_id)| {
+            let store = st.store().clone();
+            async move { store.get_plan(&site_id, &plan_id).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let items = tokens_with_usage(&st, &page.items, &plans).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"items": items, "next_cursor": page.next_cursor}),

@@ -107,6 +107,20 @@ fn window_from(item: &Item, minute: u64) -> SlidingWindow {
     }
 }
 
+/// A token's usage at `now_ms` from its usage item (none: no use yet).
+fn usage_from(item: Option<&Item>, now_ms: u64) -> TokenUsage {
+    let empty = Item::new();
+    let item = item.unwrap_or(&empty);
+    let period = period_of(now_ms);
+    TokenUsage {
+        window: window_from(item, now_ms / MINUTE_MS),
+        quota: QuotaCounter {
+            period,
+            used: get_n(item, &format!("q_{period}")).unwrap_or(0),
+        },
+    }
+}
+
 fn prev_period(p: u32) -> u32 {
     if p % 100 == 1 {
         (p / 100 - 1) * 100 + 12
@@ -1206,20 +1220,63 @@ impl UsageStore for DynamoStore {
     }
 
     async fn token_usage(&self, token_id: &str) -> Result<TokenUsage> {
-        let now = crate::domain::now_ms();
-        let minute = now / MINUTE_MS;
-        let period = period_of(now);
         let item = self
             .get_item(key(format!("TOKEN#{token_id}"), "USAGE"), true)
-            .await?
-            .unwrap_or_default();
-        Ok(TokenUsage {
-            window: window_from(&item, minute),
-            quota: QuotaCounter {
-                period,
-                used: get_n(&item, &format!("q_{period}")).unwrap_or(0),
-            },
-        })
+            .await?;
+        Ok(usage_from(item.as_ref(), crate::domain::now_ms()))
+    }
+
+    /// `BatchGetItem`, strongly consistent, 100 usage items a call; keys DynamoDB
+    /// leaves unprocessed (throttling) are asked for again, with backoff, a few times.
+    async fn token_usages(&self, token_ids: &[String]) -> Result<Vec<TokenUsage>> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let pk = |id: &str| format!("TOKEN#{id}");
+        let unique: std::collections::BTreeSet<&str> =
+            token_ids.iter().map(|i| i.as_str()).collect();
+        let unique: Vec<&str> = unique.into_iter().collect();
+        let mut found: HashMap<String, Item> = HashMap::new();
+        for chunk in unique.chunks(100) {
+            let mut keys: Vec<Item> = chunk.iter().map(|id| key(pk(id), "USAGE")).collect();
+            let mut backoff = Duration::from_millis(20);
+            for attempt in 0.. {
+                let ask = KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(unavailable)?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&*self.table, ask)
+                    .send()
+                    .await
+                    .map_err(sdk)?;
+                let items = out.responses.and_then(|mut r| r.remove(&*self.table));
+                for item in items.unwrap_or_default() {
+                    if let Some(Ok(p)) = item.get("pk").map(|v| v.as_s()) {
+                        found.insert(p.clone(), item);
+                    }
+                }
+                keys = (out.unprocessed_keys)
+                    .and_then(|mut u| u.remove(&*self.table))
+                    .map(|k| k.keys)
+                    .unwrap_or_default();
+                if keys.is_empty() {
+                    break;
+                }
+                if attempt == 4 {
+                    return Err(unavailable("usage reads left unprocessed (throttled)"));
+                }
+                let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
+                tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+                backoff *= 2;
+            }
+        }
+        let now = crate::domain::now_ms();
+        Ok(token_ids
+            .iter()
+            .map(|id| usage_from(found.get(&pk(id)), now))
+            .collect())
     }
 }
 

@@ -201,6 +201,15 @@ pub trait UsageStore: Send + Sync {
         audit: AuditRecord,
     ) -> Result<u64>;
     async fn token_usage(&self, token_id: &str) -> Result<TokenUsage>;
+    /// The usage of each of `token_ids`, in their order (for listings): one read
+    /// per token unless the store can do better.
+    async fn token_usages(&self, token_ids: &[String]) -> Result<Vec<TokenUsage>> {
+        let mut out = Vec::with_capacity(token_ids.len());
+        for id in token_ids {
+            out.push(self.token_usage(id).await?);
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]
