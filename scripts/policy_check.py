@@ -26,6 +26,7 @@ STORE_CALLS = {
     "update_item": "dynamodb:UpdateItem",
     "delete_item": "dynamodb:DeleteItem",
     "batch_write_item": "dynamodb:BatchWriteItem",
+    "batch_get_item": "dynamodb:BatchGetItem",
     "query": "dynamodb:Query",
     "scan": "dynamodb:Scan",
 }

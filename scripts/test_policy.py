@@ -47,7 +47,7 @@ class PolicyTest(unittest.TestCase):
     def test_store_calls_are_found(self):
         self.assertEqual(
             policy_check.store_actions(STORE),
-            {"dynamodb:" + a for a in ["GetItem", "PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "Query"]},
+            {"dynamodb:" + a for a in ["GetItem", "PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "BatchGetItem", "Query"]},
         )
 
     def test_runbook_naming_a_missing_alarm(self):
