@@ -783,6 +783,13 @@ fn spawn_audit_writer(
     tx
 }
 
+/// Wait `backoff` and up to half as long again (jitter), then double it, up to 5 s.
+async fn back_off(backoff: &mut Duration) {
+    let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
+    tokio::time::sleep(*backoff + Duration::from_millis(jitter)).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}
+
 async fn write_audit_batch(client: &Client, table: &str, batch: Vec<AuditRecord>) {
     let mut requests: Vec<WriteRequest> = batch
         .iter()
@@ -815,9 +822,7 @@ async fn write_audit_batch(client: &Client, table: &str, batch: Vec<AuditRecord>
                 tracing::warn!(error = %DisplayErrorContext(e), records = requests.len(), "audit write failed; retrying")
             }
         }
-        let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
-        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        back_off(&mut backoff).await;
     }
 }
 
@@ -1267,9 +1272,7 @@ impl UsageStore for DynamoStore {
                 if attempt == 4 {
                     return Err(unavailable("usage reads left unprocessed (throttled)"));
                 }
-                let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
-                tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-                backoff *= 2;
+                back_off(&mut backoff).await;
             }
         }
         let now = crate::domain::now_ms();
