@@ -108,16 +108,11 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     let mut every = [bobs_sites.clone(), vec![s.site_id.clone()]].concat();
     every.sort();
     for (jwt, expected) in [(&admin, &every), (&bob, &bobs_sites)] {
-        let (mut seen, mut query) = (Vec::new(), "limit=1".to_owned());
-        loop {
-            let page: Value = app.get_json(jwt, &format!("/api/sites?{query}")).await;
+        let mut seen = Vec::new();
+        for page in app.pages(jwt, "/api/sites", "limit=1").await {
             let items = page["items"].as_array().unwrap();
             assert_eq!(items.len(), 1);
             seen.push(items[0]["site_id"].as_str().unwrap().to_owned());
-            match page["next_cursor"].as_str() {
-                Some(c) => query = format!("limit=1&cursor={c}"),
-                None => break,
-            }
         }
         assert_eq!(&seen, expected);
     }
@@ -1447,18 +1442,9 @@ async fn the_token_list_comes_in_pages_with_each_tokens_usage() {
         issued.push((t["token_id"].as_str().unwrap().to_owned(), i, quota));
     }
     issued.sort();
-    let (mut listed, mut cursor) = (Vec::new(), None::<String>);
-    loop {
-        let query = match &cursor {
-            Some(c) => format!("limit=2&cursor={c}"),
-            None => "limit=2".into(),
-        };
-        let page: Value = app
-            .get_json(
-                &s.owner,
-                &format!("/api/sites/{}/tokens?{query}", s.site_id),
-            )
-            .await;
+    let mut listed = Vec::new();
+    let tokens = format!("/api/sites/{}/tokens", s.site_id);
+    for page in app.pages(&s.owner, &tokens, "limit=2").await {
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2);
         assert!(items.iter().all(|t| t.get("token").is_none()), "no secrets");
@@ -1470,10 +1456,6 @@ async fn the_token_list_comes_in_pages_with_each_tokens_usage() {
             assert_eq!(u["requests_per_minute"], 600);
             let id = t["token_id"].as_str().unwrap().to_owned();
             listed.push((id, used, quota.unwrap()));
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
         }
     }
     assert_eq!(listed, issued);
@@ -1621,18 +1603,13 @@ async fn logs_filter_paginate_and_export() {
 
     // Cursor pages: newest first, no duplicates, nothing lost.
     let mut seen = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let page = q(&format!("limit=3{cursor}")).await;
+    let logs = format!("/api/sites/{}/logs", s.site_id);
+    for page in app.pages(&s.owner, &logs, "limit=3").await {
         for item in page["items"].as_array().unwrap() {
             seen.push((
                 item["ts_ms"].as_u64().unwrap(),
                 item["id"].as_str().unwrap().to_owned(),
             ));
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => break,
         }
     }
     assert_eq!(seen.len(), 9);

@@ -276,6 +276,21 @@ impl App {
         res.json().await.unwrap()
     }
 
+    /// Every page of a list route, `query` (e.g. `limit=2`) at a time, following
+    /// `next_cursor` to the end.
+    pub async fn pages(&self, jwt: &str, path: &str, query: &str) -> Vec<Value> {
+        let (mut pages, mut cursor) = (Vec::new(), String::new());
+        loop {
+            let page = self.get_json(jwt, &format!("{path}?{query}{cursor}")).await;
+            let next = page["next_cursor"].as_str().map(|c| format!("&cursor={c}"));
+            pages.push(page);
+            match next {
+                Some(c) => cursor = c,
+                None => return pages,
+            }
+        }
+    }
+
     pub async fn create_site(&self, jwt: &str, origin_url: &str) -> Value {
         let res = self
             .post(
