@@ -116,6 +116,11 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
     let b = site(&owner);
     store.create_site(&a).await.unwrap();
     store.create_site(&b).await.unwrap();
+    // An owner whose name starts with this owner's and `/` is someone else.
+    store
+        .create_site(&site(&format!("{owner}/x")))
+        .await
+        .unwrap();
     assert!(matches!(
         store.create_site(&a).await,
         Err(StoreError::Conflict(_))
@@ -348,6 +353,7 @@ async fn tokens_and_keys(store: Arc<dyn Store>) {
         Some(consumer.as_str()),
         Some(consumer.as_str()),
         Some("someone-else"),
+        Some(&format!("{consumer}/x")),
     ] {
         let t = token(&s2.site_id, &p2.plan_id, c);
         store.create_token(&t).await.unwrap();
@@ -591,14 +597,25 @@ async fn token_updates(store: Arc<dyn Store>) {
         store.update_token(&was, &stale).await,
         Err(StoreError::Changed(_))
     ));
+    // Passing to another consumer moves the token from one's list to the other's.
+    let other = format!("c-{}", ids::request_id());
+    let passed = Token {
+        consumer: Some(other.clone()),
+        ..now.clone()
+    };
+    store.update_token(&now, &passed).await.unwrap();
+    let mine = store.list_consumer_tokens_page(&consumer, 10, None).await;
+    assert!(mine.unwrap().items.is_empty());
+    let theirs = store.list_consumer_tokens_page(&other, 10, None).await;
+    assert_eq!(theirs.unwrap().items, vec![passed.clone()]);
     // Leaving the consumer takes the token off its list.
     let unassigned = Token {
         consumer: None,
         ..now.clone()
     };
-    store.update_token(&now, &unassigned).await.unwrap();
-    let mine = store.list_consumer_tokens_page(&consumer, 10, None).await;
-    assert!(mine.unwrap().items.is_empty());
+    store.update_token(&passed, &unassigned).await.unwrap();
+    let theirs = store.list_consumer_tokens_page(&other, 10, None).await;
+    assert!(theirs.unwrap().items.is_empty());
     store
         .revoke_token(&s.site_id, &was.token_id, 7)
         .await

@@ -12,6 +12,7 @@
 //! records, quota events) first wait for a checkpoint.
 
 use std::collections::HashMap;
+use std::ops::Bound::{self, Excluded, Included};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -42,10 +43,26 @@ const FAILED: Def = TableDefinition::new("failed"); // site/client -> SlidingWin
 const AUDIT: Def = TableDefinition::new("audit"); // site/ts_ms(13)/… -> records (see `audit_records`)
 const EVENTS: Def = TableDefinition::new("events"); // site/token/period/kind -> QuotaEvent
 const ADMIN: Def = TableDefinition::new("admin"); // ts_ms(13)/id -> AdminEvent
-const META: Def = TableDefinition::new("meta"); // "wal_next_gen" -> u64 LE
-const ALL: [Def; 13] = [
-    SITES, PLANS, TOKENS, TOKEN_HASH, KEYS, KEY_HASH, USAGE, SITE_USAGE, FAILED, AUDIT, EVENTS,
-    ADMIN, META,
+const META: Def = TableDefinition::new("meta"); // "wal_next_gen" -> u64 LE, "indexed" -> []
+/// Secondary indexes, keyed by [`index_key`], each entry holding a primary key.
+const OWNER_SITES: Def = TableDefinition::new("owner_sites"); // owner/site -> site
+const CONSUMER_TOKENS: Def = TableDefinition::new("consumer_tokens"); // consumer/token -> site/token
+const ALL: [Def; 15] = [
+    SITES,
+    PLANS,
+    TOKENS,
+    TOKEN_HASH,
+    KEYS,
+    KEY_HASH,
+    USAGE,
+    SITE_USAGE,
+    FAILED,
+    AUDIT,
+    EVENTS,
+    ADMIN,
+    META,
+    OWNER_SITES,
+    CONSUMER_TOKENS,
 ];
 /// Tables the write-ahead log puts to, by their number in a log entry.
 const LOGGED: [Def; 4] = [USAGE, SITE_USAGE, AUDIT, EVENTS];
@@ -54,6 +71,9 @@ const L_SITE_USAGE: u8 = 1;
 const L_AUDIT: u8 = 2;
 const L_EVENTS: u8 = 3;
 const NEXT_GEN: &str = "wal_next_gen";
+/// Present once the secondary indexes cover every record (data dirs made before
+/// they existed have them built when opened).
+const INDEXED: &str = "indexed";
 /// Tokens kept in memory before those already in the database are let go.
 const MAX_HOT_TOKENS: usize = 100_000;
 
@@ -112,18 +132,142 @@ fn list_prefix_after<T: DeserializeOwned>(
     after: Option<&str>,
     n: usize,
 ) -> Result<Vec<T>> {
-    use std::ops::Bound::{Excluded, Included};
-    let start = match after {
-        Some(key) => Excluded(format!("{prefix}/{key}")),
-        None => Included(format!("{prefix}/")),
-    };
-    let end = format!("{prefix}0"); // '0' sorts right after '/'
+    let (start, end) = prefix_range(prefix, after);
     let range = (start.as_ref().map(String::as_str), Excluded(end.as_str()));
     let mut out = Vec::new();
     for row in t.range::<&str>(range).map_err(unavailable)?.take(n) {
         out.push(decode(row.map_err(unavailable)?.1.value())?);
     }
     Ok(out)
+}
+
+/// Where the keys `{prefix}/…` start (after `{prefix}/{after}` when given), and the
+/// key they end before.
+fn prefix_range(prefix: &str, after: Option<&str>) -> (Bound<String>, String) {
+    let start = match after {
+        Some(key) => Excluded(format!("{prefix}/{key}")),
+        None => Included(format!("{prefix}/")),
+    };
+    (start, format!("{prefix}0")) // '0' sorts right after '/'
+}
+
+/// A secondary index entry's key: the indexed value (an owner's or a consumer's
+/// `sub`), led by its length so that no value's entries fall among another's (a
+/// `sub` may hold `/`), then the id of the record.
+fn index_key(value: &str, id: &str) -> String {
+    format!("{}/{id}", index_prefix(value))
+}
+
+fn index_prefix(value: &str) -> String {
+    format!("{:08x}{value}", value.len())
+}
+
+/// Up to `n` records of `primary` that `index` lists under `value`, in id order,
+/// after the id `after` when given.
+fn list_indexed<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    index: Def,
+    primary: Def,
+    value: &str,
+    after: Option<&str>,
+    n: usize,
+) -> Result<Vec<T>> {
+    let index = txn.open_table(index).map_err(unavailable)?;
+    let primary = txn.open_table(primary).map_err(unavailable)?;
+    let (start, end) = prefix_range(&index_prefix(value), after);
+    let range = (start.as_ref().map(String::as_str), Excluded(end.as_str()));
+    let mut out = Vec::new();
+    for row in index.range::<&str>(range).map_err(unavailable)? {
+        if out.len() == n {
+            break;
+        }
+        let key = String::from_utf8_lossy(row.map_err(unavailable)?.1.value()).into_owned();
+        out.extend(get(&primary, &key)?);
+    }
+    Ok(out)
+}
+
+/// Keeps a table's secondary index in step with a write, in the write's transaction:
+/// called with the record as stored before (if any) and as written (if not removed).
+type Reindex<T> = fn(&WriteTransaction, Option<&T>, Option<&T>) -> Result<()>;
+
+fn unindexed<T>(_: &WriteTransaction, _: Option<&T>, _: Option<&T>) -> Result<()> {
+    Ok(())
+}
+
+/// A site is listed under its owner.
+fn index_site(txn: &WriteTransaction, was: Option<&Site>, now: Option<&Site>) -> Result<()> {
+    let entry = |s: &Site| Some((index_key(&s.owner, &s.site_id), s.site_id.clone()));
+    reindex(txn, OWNER_SITES, was.and_then(entry), now.and_then(entry))
+}
+
+/// A token is listed under its consumer, if it has one.
+fn index_token(txn: &WriteTransaction, was: Option<&Token>, now: Option<&Token>) -> Result<()> {
+    let entry = |t: &Token| {
+        let c = t.consumer.as_deref()?;
+        Some((
+            index_key(c, &t.token_id),
+            format!("{}/{}", t.site_id, t.token_id),
+        ))
+    };
+    reindex(
+        txn,
+        CONSUMER_TOKENS,
+        was.and_then(entry),
+        now.and_then(entry),
+    )
+}
+
+/// Replace the index entry `was` with `now` (each an entry key and the primary key
+/// it points at).
+fn reindex(
+    txn: &WriteTransaction,
+    def: Def,
+    was: Option<(String, String)>,
+    now: Option<(String, String)>,
+) -> Result<()> {
+    if was == now {
+        return Ok(());
+    }
+    let mut t = txn.open_table(def).map_err(unavailable)?;
+    if let Some((key, _)) = was {
+        t.remove(key.as_str()).map_err(unavailable)?;
+    }
+    if let Some((key, primary)) = now {
+        t.insert(key.as_str(), primary.as_bytes())
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Build the secondary indexes anew from the records, once, for a database written
+/// before they existed.
+fn build_indexes(txn: &WriteTransaction) -> Result<()> {
+    let mut meta = txn.open_table(META).map_err(unavailable)?;
+    if meta.get(INDEXED).map_err(unavailable)?.is_some() {
+        return Ok(());
+    }
+    index_all(txn, SITES, index_site)?;
+    index_all(txn, TOKENS, index_token)?;
+    meta.insert(INDEXED, [].as_slice()).map_err(unavailable)?;
+    Ok(())
+}
+
+fn index_all<T: DeserializeOwned>(
+    txn: &WriteTransaction,
+    def: Def,
+    index: Reindex<T>,
+) -> Result<()> {
+    for row in txn
+        .open_table(def)
+        .map_err(unavailable)?
+        .iter()
+        .map_err(unavailable)?
+    {
+        let record: T = decode(row.map_err(unavailable)?.1.value())?;
+        index(txn, None, Some(&record))?;
+    }
+    Ok(())
 }
 
 /// A record's key: records are ordered (newest first in queries) by it.
@@ -315,6 +459,7 @@ impl EmbeddedStore {
         for def in ALL {
             txn.open_table(def).map_err(unavailable)?;
         }
+        build_indexes(&txn)?;
         let next_gen = next_gen(&txn)?;
         let (files, unapplied) = wal::open_files(path, next_gen)?;
         let mut gen = next_gen;
@@ -424,24 +569,41 @@ impl EmbeddedStore {
     }
 
     /// Remove the record at `key`; whether there was one.
-    async fn remove(&self, def: Def, key: String) -> Result<bool> {
+    async fn remove<T: DeserializeOwned + 'static>(
+        &self,
+        def: Def,
+        key: String,
+        index: Reindex<T>,
+    ) -> Result<bool> {
         self.write(move |txn| {
             let mut t = txn.open_table(def).map_err(unavailable)?;
-            let removed = t.remove(key.as_str()).map_err(unavailable)?.is_some();
-            Ok(removed)
+            let Some(was) = get::<T>(&t, &key)? else {
+                return Ok(false);
+            };
+            t.remove(key.as_str()).map_err(unavailable)?;
+            index(txn, Some(&was), None)?;
+            Ok(true)
         })
         .await
     }
 
-    /// Put `value` at `key` only if absent; otherwise `Conflict`.
-    async fn insert_new(&self, def: Def, key: String, value: Vec<u8>) -> Result<()> {
+    /// Put `record` at `key` only if absent; otherwise `Conflict`.
+    async fn insert_new<T: Serialize + Clone + Send + 'static>(
+        &self,
+        def: Def,
+        key: String,
+        record: &T,
+        index: Reindex<T>,
+    ) -> Result<()> {
+        let record = record.clone();
         self.write(move |txn| {
             let mut t = txn.open_table(def).map_err(unavailable)?;
             if t.get(key.as_str()).map_err(unavailable)?.is_some() {
                 return Ok(Err(StoreError::Conflict(key)));
             }
-            t.insert(key.as_str(), value.as_slice())
+            t.insert(key.as_str(), encode(&record).as_slice())
                 .map_err(unavailable)?;
+            index(txn, None, Some(&record))?;
             Ok(Ok(()))
         })
         .await?
@@ -457,17 +619,19 @@ impl EmbeddedStore {
         key: String,
         mut record: T,
         revision: fn(&mut T) -> &mut u64,
+        index: Reindex<T>,
     ) -> Result<()> {
         self.write(move |txn| {
             let mut t = txn.open_table(def).map_err(unavailable)?;
-            let stored_at = get::<T>(&t, &key)?.map(|mut stored| *revision(&mut stored));
-            if stored_at != Some(*revision(&mut record)) {
+            let mut stored = get::<T>(&t, &key)?;
+            if stored.as_mut().map(|s| *revision(s)) != Some(*revision(&mut record)) {
                 let id = key.rsplit('/').next().unwrap_or_default();
                 return Ok(Err(StoreError::Changed(id.to_owned())));
             }
             *revision(&mut record) += 1;
             t.insert(key.as_str(), encode(&record).as_slice())
                 .map_err(unavailable)?;
+            index(txn, stored.as_ref(), Some(&record))?;
             Ok(Ok(()))
         })
         .await?
@@ -475,7 +639,14 @@ impl EmbeddedStore {
 
     /// Store `now` at `key` if the record there is still `was`; otherwise
     /// `Changed(id)`.
-    async fn replace_if<T>(&self, def: Def, key: String, was: &T, now: &T, id: &str) -> Result<()>
+    async fn replace_if<T>(
+        &self,
+        def: Def,
+        key: String,
+        (was, now): (&T, &T),
+        id: &str,
+        index: Reindex<T>,
+    ) -> Result<()>
     where
         T: Serialize + DeserializeOwned + PartialEq + Clone + Send + 'static,
     {
@@ -487,6 +658,7 @@ impl EmbeddedStore {
             }
             t.insert(key.as_str(), encode(&now).as_slice())
                 .map_err(unavailable)?;
+            index(txn, Some(&was), Some(&now))?;
             Ok(Ok(()))
         })
         .await?
@@ -572,17 +744,21 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
 #[async_trait]
 impl SiteStore for EmbeddedStore {
     async fn create_site(&self, site: &Site) -> Result<()> {
-        self.insert_new(SITES, site.site_id.clone(), encode(site))
+        self.insert_new(SITES, site.site_id.clone(), site, index_site)
             .await
     }
     async fn update_site(&self, site: &Site) -> Result<()> {
-        self.update_at_revision(SITES, site.site_id.clone(), site.clone(), |s| {
-            &mut s.revision
-        })
+        self.update_at_revision(
+            SITES,
+            site.site_id.clone(),
+            site.clone(),
+            |s| &mut s.revision,
+            index_site,
+        )
         .await
     }
     async fn delete_site(&self, site_id: &str) -> Result<bool> {
-        self.remove(SITES, site_id.to_owned()).await
+        self.remove(SITES, site_id.to_owned(), index_site).await
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.read_table(SITES, |t| get(t, site_id))
@@ -593,22 +769,23 @@ impl SiteStore for EmbeddedStore {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Site>> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        // Sites are keyed by id: an owner's are found by reading on until the page is full.
-        let items = self.read_table(SITES, |t| {
-            let start = after.map_or(Unbounded, Excluded);
-            let mut out = Vec::new();
-            for row in t.range::<&str>((start, Unbounded)).map_err(unavailable)? {
-                let site: Site = decode(row.map_err(unavailable)?.1.value())?;
-                if owner.is_none_or(|o| site.owner == o) {
-                    out.push(site);
-                    if out.len() > limit {
-                        break;
-                    }
-                }
+        let items = match owner {
+            Some(owner) => {
+                self.read(|txn| list_indexed(txn, OWNER_SITES, SITES, owner, after, limit + 1))?
             }
-            Ok(out)
-        })?;
+            None => self.read_table(SITES, |t| {
+                let start = after.map_or(Bound::Unbounded, Excluded);
+                let mut out = Vec::new();
+                for row in t
+                    .range::<&str>((start, Bound::Unbounded))
+                    .map_err(unavailable)?
+                    .take(limit + 1)
+                {
+                    out.push(decode(row.map_err(unavailable)?.1.value())?);
+                }
+                Ok(out)
+            })?,
+        };
         Ok(page_of(items, limit, |s: &Site| s.site_id.clone()))
     }
 }
@@ -619,17 +796,19 @@ impl PlanStore for EmbeddedStore {
         self.insert_new(
             PLANS,
             format!("{}/{}", plan.site_id, plan.plan_id),
-            encode(plan),
+            plan,
+            unindexed,
         )
         .await
     }
     async fn update_plan(&self, plan: &Plan) -> Result<()> {
         let key = format!("{}/{}", plan.site_id, plan.plan_id);
-        self.update_at_revision(PLANS, key, plan.clone(), |p| &mut p.revision)
+        self.update_at_revision(PLANS, key, plan.clone(), |p| &mut p.revision, unindexed)
             .await
     }
     async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
-        self.remove(PLANS, format!("{site_id}/{plan_id}")).await
+        self.remove::<Plan>(PLANS, format!("{site_id}/{plan_id}"), unindexed)
+            .await
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.read_table(PLANS, |t| get(t, &format!("{site_id}/{plan_id}")))
@@ -660,6 +839,7 @@ impl TokenStore for EmbeddedStore {
                 .map_err(unavailable)?
                 .insert(key.as_str(), encode(&token).as_slice())
                 .map_err(unavailable)?;
+            index_token(txn, None, Some(&token))?;
             Ok(Ok(()))
         })
         .await?
@@ -691,27 +871,14 @@ impl TokenStore for EmbeddedStore {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Page<Token>> {
-        // Tokens are keyed by site: the consumer's are found by reading them all.
-        let mut items = self.read_table(TOKENS, |t| {
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (_, v) = row.map_err(unavailable)?;
-                let token: Token = decode(v.value())?;
-                if token.consumer.as_deref() == Some(consumer)
-                    && after.is_none_or(|a| token.token_id.as_str() > a)
-                {
-                    out.push(token);
-                }
-            }
-            Ok(out)
-        })?;
-        items.sort_by(|a, b| a.token_id.cmp(&b.token_id));
-        items.truncate(limit + 1);
+        let items = self
+            .read(|txn| list_indexed(txn, CONSUMER_TOKENS, TOKENS, consumer, after, limit + 1))?;
         Ok(page_of(items, limit, |t: &Token| t.token_id.clone()))
     }
     async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
         let key = format!("{}/{}", was.site_id, was.token_id);
-        self.replace_if(TOKENS, key, was, now, &was.token_id).await
+        self.replace_if(TOKENS, key, (was, now), &was.token_id, index_token)
+            .await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
         let revoked = self
@@ -773,7 +940,8 @@ impl KeyStore for EmbeddedStore {
     }
     async fn update_key(&self, was: &ApiKey, now: &ApiKey) -> Result<()> {
         let key = format!("{}/{}", was.site_id, was.key_id);
-        self.replace_if(KEYS, key, was, now, &was.key_id).await
+        self.replace_if(KEYS, key, (was, now), &was.key_id, unindexed)
+            .await
     }
 }
 
@@ -1595,5 +1763,71 @@ mod tests {
                 ("s/0000000000002/b", b"{}")
             ]
         );
+    }
+
+    /// A data dir written before the owner and consumer indexes existed has them
+    /// built when it is opened, and its listings find every record.
+    #[tokio::test]
+    async fn a_database_from_before_the_indexes_gets_them_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let key = crate::seal::SealingKey::from_bytes(&[9; 32]);
+        let (sites, tokens) = {
+            let store = EmbeddedStore::open(&path).unwrap();
+            let mut sites = Vec::new();
+            let mut tokens = Vec::new();
+            for owner in ["alice", "alice", "bob"] {
+                let site = Site::new(owner, "s", "https://api.example.com", &key, 1).0;
+                store.create_site(&site).await.unwrap();
+                for consumer in [Some("carol"), None, Some("carol/x")] {
+                    let token = Token {
+                        token_id: crate::ids::token_id(),
+                        site_id: site.site_id.clone(),
+                        plan_id: "plan_0000000000000000".into(),
+                        token_hash: crate::ids::hash_secret(&crate::ids::consumer_token()),
+                        label: None,
+                        consumer: consumer.map(Into::into),
+                        created_at: 1,
+                        revoked_at: None,
+                    };
+                    store.create_token(&token).await.unwrap();
+                    tokens.push(token);
+                }
+                sites.push(site);
+            }
+            (sites, tokens)
+        };
+        // Take the database back to how it was before the indexes.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn.delete_table(OWNER_SITES).unwrap());
+        assert!(txn.delete_table(CONSUMER_TOKENS).unwrap());
+        txn.open_table(META).unwrap().remove(INDEXED).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+
+        let store = EmbeddedStore::open(&path).unwrap();
+        let ids = |page: Page<Site>| {
+            page.items
+                .into_iter()
+                .map(|s| s.site_id)
+                .collect::<Vec<_>>()
+        };
+        let mut alices = vec![sites[0].site_id.clone(), sites[1].site_id.clone()];
+        alices.sort();
+        let listed = store
+            .list_sites_page(Some("alice"), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(ids(listed), alices);
+        let listed = store.list_sites_page(Some("bob"), 10, None).await.unwrap();
+        assert_eq!(ids(listed), [sites[2].site_id.clone()]);
+        let mut carols: Vec<Token> = tokens
+            .into_iter()
+            .filter(|t| t.consumer.as_deref() == Some("carol"))
+            .collect();
+        carols.sort_by(|a, b| a.token_id.cmp(&b.token_id));
+        let listed = store.list_consumer_tokens_page("carol", 10, None).await;
+        assert_eq!(listed.unwrap().items, carols);
     }
 }
