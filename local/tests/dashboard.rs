@@ -755,7 +755,7 @@ async fn concurrent_plan_changes_never_undo_each_other() {
 }
 
 #[tokio::test]
-async fn an_api_key_may_carry_a_label_changed_by_a_patch_and_bad_bodies_change_nothing() {
+async fn an_api_key_may_carry_a_label_changed_by_a_patch_and_is_read_alone_without_its_secret() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     let keys = format!("/api/sites/{}/api-keys", s.site_id);
@@ -851,6 +851,7 @@ async fn an_api_key_may_carry_a_label_changed_by_a_patch_and_bad_bodies_change_n
         );
         let listed = listed(&app.get_json(&s.owner, &keys).await);
         assert!(listed.contains(&(k["key_id"].as_str().unwrap().to_owned(), shown)));
+        assert_eq!(app.get_json(&s.owner, &key_path).await, k, "read alone");
     }
     let res = app
         .authorize(
@@ -884,9 +885,20 @@ async fn an_api_key_may_carry_a_label_changed_by_a_patch_and_bad_bodies_change_n
         app.patch(&s.owner, &unknown, body.clone()).await.status(),
         404
     );
+    for (who, path, status) in [
+        (&mallory, &key_path, 404),
+        (&carol, &key_path, 403),
+        (&s.owner, &unknown, 404),
+        (&s.owner, &format!("{keys}/not-a-key"), 404),
+    ] {
+        assert_eq!(app.get(who, path).await.status(), status, "GET {path}");
+    }
     assert_eq!(app.delete(&s.owner, &key_path).await.status(), 204);
     let res = app.patch(&s.owner, &key_path, body).await;
     assert_eq!(res.status(), 409, "revocation is final");
+    let revoked = app.get_json(&s.owner, &key_path).await;
+    assert!(revoked["revoked_at"].is_u64(), "{revoked}");
+    assert_eq!(revoked.get("key"), None);
     let trail: Value = app.get_json(&s.owner, "/api/audit-trail").await;
     let updates = (trail["items"].as_array().unwrap().iter())
         .filter(|e| e["action"] == "api_key.update")

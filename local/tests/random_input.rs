@@ -229,7 +229,7 @@ fn request(
         (format!("{s}/api-keys"), &["GET", "POST"]),
         (
             format!("{s}/api-keys/key_0000000000000000"),
-            &["PATCH", "DELETE"],
+            &["GET", "PATCH", "DELETE"],
         ),
         (format!("{s}/signing-secret/rotate"), &["POST"]),
         (format!("{s}/webhook"), &["GET", "PUT"]),

@@ -53,7 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/api-keys"), post(create_key).get(list_keys))
         .route(
             &site("/api-keys/{key_id}"),
-            axum::routing::patch(update_key).delete(revoke_key),
+            get(get_key).patch(update_key).delete(revoke_key),
         )
         .route(&site("/logs"), get(query_logs))
         .route(&site("/logs/export"), get(export_logs))
@@ -1039,6 +1039,24 @@ struct UpdateKey {
     label: Option<String>,
 }
 
+/// A key of the site, active or revoked within the time revoked keys are kept.
+async fn find_key(st: &AppState, site_id: &str, key_id: &str) -> Result<ApiKey, ApiError> {
+    let now_s = now_ms() / 1000;
+    (st.store().list_keys(site_id).await?.into_iter())
+        .find(|k| k.key_id == key_id && k.kept_at(now_s))
+        .ok_or_else(|| not_found("API key"))
+}
+
+async fn get_key(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath((site_id, key_id)): ApiPath<(String, String)>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let key = find_key(&st, &site_id, &key_id).await?;
+    Ok(json(StatusCode::OK, &key_view(&key)))
+}
+
 /// Relabel an active API key (`""` removes the label); the key itself stays.
 async fn update_key(
     State(st): State<AppState>,
@@ -1047,10 +1065,7 @@ async fn update_key(
     ApiJson(b): ApiJson<UpdateKey>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
-    let now_s = now_ms() / 1000;
-    let was = (st.store().list_keys(&site_id).await?.into_iter())
-        .find(|k| k.key_id == key_id && k.kept_at(now_s))
-        .ok_or_else(|| not_found("API key"))?;
+    let was = find_key(&st, &site_id, &key_id).await?;
     if was.revoked_at.is_some() {
         return Err(ApiError::Conflict(
             "the API key is revoked, which is final: create a new one".into(),
