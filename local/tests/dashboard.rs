@@ -1478,6 +1478,84 @@ async fn the_token_list_comes_in_pages_with_each_tokens_usage() {
     assert_eq!(all["next_cursor"], Value::Null);
 }
 
+#[tokio::test]
+async fn the_token_list_narrows_to_a_plan_a_status_or_a_consumer() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let business = app
+        .create_named_plan(&s.owner, &s.site_id, "business", 600, 5000)
+        .await;
+    let tokens = format!("/api/sites/{}/tokens", s.site_id);
+    // (id, plan, consumer, revoked): the setup's token, then four more.
+    let mut issued = vec![(s.token_id.clone(), s.plan_id.clone(), None, false)];
+    for (plan, consumer, revoked) in [
+        (&s.plan_id, Some("carol"), false),
+        (&s.plan_id, None, true),
+        (&business, Some("carol"), false),
+        (&business, Some("carol/x"), false),
+    ] {
+        let res = app
+            .post(
+                &s.owner,
+                &tokens,
+                json!({"plan_id": plan, "consumer": consumer}),
+            )
+            .await;
+        let id = res.json::<Value>().await.unwrap()["token_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if revoked {
+            let res = app.delete(&s.owner, &format!("{tokens}/{id}")).await;
+            assert_eq!(res.status(), 204);
+        }
+        issued.push((id, plan.clone(), consumer.map(String::from), revoked));
+    }
+    issued.sort();
+    let carol = Some("carol".to_owned());
+    type Wanted<'a> = &'a dyn Fn(&(String, String, Option<String>, bool)) -> bool;
+    let cases: [(String, Wanted); 6] = [
+        (format!("plan_id={business}"), &|t| t.1 == business),
+        ("status=revoked".into(), &|t| t.3),
+        ("status=active".into(), &|t| !t.3),
+        ("consumer=carol".into(), &|t| t.2 == carol),
+        (
+            format!("consumer=carol&plan_id={business}&status=active"),
+            &|t| t.2 == carol && t.1 == business,
+        ),
+        ("consumer=nobody".into(), &|_| false),
+    ];
+    for (filter, wanted) in cases {
+        let wanted: Vec<&str> = (issued.iter().filter(|t| wanted(t)))
+            .map(|t| t.0.as_str())
+            .collect();
+        for limit in [1, 100] {
+            let mut listed = Vec::new();
+            for page in app
+                .pages(&s.owner, &tokens, &format!("{filter}&limit={limit}"))
+                .await
+            {
+                let items = page["items"].as_array().unwrap();
+                assert!(items.len() <= limit, "{filter}");
+                for t in items {
+                    assert!(t["usage"]["used"].is_u64(), "{t}");
+                    listed.push(t["token_id"].as_str().unwrap().to_owned());
+                }
+            }
+            assert_eq!(listed, wanted, "{filter}, limit {limit}");
+        }
+    }
+    for (query, field) in [
+        ("status=gone", "status"),
+        ("plan_id=pro", "plan_id"),
+        ("plan=pro", "plan"),
+    ] {
+        let res = app.get(&s.owner, &format!("{tokens}?{query}")).await;
+        assert_eq!(res.status(), 422, "{query}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
+}
+
 async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
     app.patch(
         &s.owner,

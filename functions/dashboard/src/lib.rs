@@ -17,7 +17,7 @@ use http::StatusCode;
 use payfence_core::auth::{AuthError, Principal, Role};
 use payfence_core::domain::{
     audit_kept_since_ms, now_ms, rfc3339_ms, AdminEvent, ApiKey, AuditFilter, AuditRecord,
-    DecisionKind, Mode, Plan, Reason, Site, Token,
+    DecisionKind, Mode, Page, Plan, Reason, Site, Token,
 };
 use payfence_core::http::{
     bearer, json, per_second_limit, request_context, ApiError, ApiJson, ApiPath, LogFields,
@@ -868,8 +868,93 @@ fn token_cursor(c: &str) -> Option<&str> {
     ids::is_id(c, "tok_").then_some(c)
 }
 
-/// A page of the site's tokens (`limit` 1-1000, default 100), in token-id order;
-/// `next_cursor` continues it.
+/// What a site's token list may be narrowed to: `plan_id`, `status` (`active` or
+/// `revoked`) and `consumer`, each matched exactly.
+struct TokenFilter {
+    plan_id: Option<String>,
+    revoked: Option<bool>,
+    consumer: Option<String>,
+}
+
+impl TokenFilter {
+    fn parse(q: &HashMap<String, String>) -> Result<Self, ApiError> {
+        let plan_id = q.get("plan_id").cloned();
+        if plan_id.as_deref().is_some_and(|p| !ids::is_id(p, "plan_")) {
+            return Err(ApiError::invalid("plan_id", "not a plan id (plan_…)"));
+        }
+        let revoked = match q.get("status").map(String::as_str) {
+            None => None,
+            Some("active") => Some(false),
+            Some("revoked") => Some(true),
+            Some(_) => return Err(ApiError::invalid("status", "must be active or revoked")),
+        };
+        let consumer = q.get("consumer").cloned();
+        Ok(Self {
+            plan_id,
+            revoked,
+            consumer,
+        })
+    }
+
+    fn is_none(&self) -> bool {
+        self.plan_id.is_none() && self.revoked.is_none() && self.consumer.is_none()
+    }
+
+    fn keeps(&self, t: &Token) -> bool {
+        self.plan_id.as_ref().is_none_or(|p| *p == t.plan_id)
+            && self.revoked.is_none_or(|r| r == t.revoked_at.is_some())
+            && (self.consumer.as_ref()).is_none_or(|c| t.consumer.as_ref() == Some(c))
+    }
+}
+
+/// The most tokens one filtered page of a site's tokens reads: past that the page
+/// ends, short of its `limit` (even empty), with a cursor to go on from.
+const FILTER_READ_BUDGET: usize = 10_000;
+
+/// A page of up to `limit` tokens that `keep`, from the pages `page(after)` gives
+/// (a site's tokens, in id order), starting after `after`; it ends early, with a
+/// cursor, once `budget` tokens have been read.
+async fn filtered_page<F, Fut>(
+    mut page: F,
+    keep: impl Fn(&Token) -> bool,
+    limit: usize,
+    mut after: Option<String>,
+    budget: usize,
+) -> Result<Page<Token>, ApiError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<Page<Token>, ApiError>>,
+{
+    let (mut items, mut read) = (Vec::new(), 0);
+    loop {
+        let Page {
+            items: tokens,
+            next_cursor,
+        } = page(after).await?;
+        read += tokens.len();
+        let mut tokens = tokens.into_iter();
+        for t in tokens.by_ref() {
+            if keep(&t) {
+                items.push(t);
+                if items.len() == limit {
+                    break;
+                }
+            }
+        }
+        if items.len() == limit {
+            let more = tokens.next().is_some() || next_cursor.is_some();
+            let next_cursor = (items.last()).filter(|_| more).map(|t| t.token_id.clone());
+            return Ok(Page { items, next_cursor });
+        }
+        match next_cursor {
+            Some(c) if read < budget => after = Some(c),
+            next_cursor => return Ok(Page { items, next_cursor }),
+        }
+    }
+}
+
+/// A page of the site's tokens (`limit` 1-1000, default 100), in token-id order,
+/// those that pass the [`TokenFilter`] given; `next_cursor` continues it.
 async fn list_tokens(
     State(st): State<AppState>,
     Extension(p): P,
@@ -877,10 +962,23 @@ async fn list_tokens(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     managed_site(&st, &p, &site_id).await?;
-    let q = params(q, &["limit", "cursor"])?;
+    let q = params(q, &["limit", "cursor", "plan_id", "status", "consumer"])?;
     let limit = parse_limit(&q)?;
     let after = parse_cursor(&q, token_cursor)?;
-    let page = st.store().list_tokens_page(&site_id, limit, after).await?;
+    let filter = TokenFilter::parse(&q)?;
+    let page = if filter.is_none() {
+        st.store().list_tokens_page(&site_id, limit, after).await?
+    } else {
+        let read = |after: Option<String>| {
+            let (st, site_id) = (&st, &site_id);
+            async move {
+                let page = st.store().list_tokens_page(site_id, 1000, after.as_deref());
+                Ok::<_, ApiError>(page.await?)
+            }
+        };
+        let keep = |t: &Token| filter.keeps(t);
+        filtered_page(read, keep, limit, after.map(Into::into), FILTER_READ_BUDGET).await?
+    };
     let plans = st.store().list_plans(&site_id).await?;
     let items = tokens_with_usage(&st, &page.items, &plans).await?;
     Ok(json(
@@ -1420,4 +1518,71 @@ async fn audit_trail(
     };
     let page = st.store().list_admin(limit, owner, before).await?;
     Ok(json(StatusCode::OK, &page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(n: usize) -> Token {
+        Token {
+            token_id: format!("tok_{n:016x}"),
+            site_id: "site_0000000000000001".into(),
+            plan_id: format!("plan_{:016x}", n % 3),
+            token_hash: String::new(),
+            label: None,
+            consumer: None,
+            created_at: 1,
+            revoked_at: None,
+        }
+    }
+
+    /// Following a filtered list's cursors, `limit` at a time, through store pages of
+    /// 4 tokens and a read budget of 8, yields every kept token once, in order, and
+    /// never a page over `limit`; a page reads at most 2 store pages, and one cut
+    /// short by the budget (even empty) carries a cursor.
+    #[tokio::test]
+    async fn a_filtered_list_reads_on_within_its_budget_and_misses_nothing() {
+        let all: Vec<Token> = (0..25).map(token).collect();
+        let reads = std::cell::Cell::new(0);
+        let store_page = |after: Option<String>| {
+            reads.set(reads.get() + 1);
+            let rest: Vec<Token> = (all.iter())
+                .filter(|t| after.as_ref().is_none_or(|a| t.token_id > *a))
+                .cloned()
+                .collect();
+            let more = rest.len() > 4;
+            let items: Vec<Token> = rest.into_iter().take(4).collect();
+            let next_cursor = (items.last()).filter(|_| more).map(|t| t.token_id.clone());
+            std::future::ready(Ok(Page { items, next_cursor }))
+        };
+        for (plan, limit) in [(0, 1), (0, 2), (0, 9), (1, 3), (2, 100), (7, 2)] {
+            let plan = format!("plan_{plan:016x}");
+            let keep = |t: &Token| t.plan_id == plan;
+            let wanted: Vec<&str> = (all.iter().filter(|t| keep(t)))
+                .map(|t| t.token_id.as_str())
+                .collect();
+            let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+            loop {
+                reads.set(0);
+                let page = filtered_page(store_page, keep, limit, after, 8)
+                    .await
+                    .unwrap();
+                assert!(page.items.len() <= limit && reads.get() <= 2);
+                seen.extend(page.items.iter().map(|t| t.token_id.clone()));
+                pages += 1;
+                match page.next_cursor {
+                    Some(c) => after = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, wanted, "{plan}, limit {limit}");
+            if wanted.is_empty() {
+                assert_eq!(
+                    pages, 4,
+                    "25 tokens, 8 a page, the last one ending the list"
+                );
+            }
+        }
+    }
 }
