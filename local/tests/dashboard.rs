@@ -1556,6 +1556,117 @@ async fn the_token_list_narrows_to_a_plan_a_status_or_a_consumer() {
     }
 }
 
+#[tokio::test]
+async fn a_sites_usage_sums_this_months_use_by_plan_in_as_many_answers_as_asked() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let site = format!("/api/sites/{}", s.site_id);
+    let business = app
+        .create_named_plan(&s.owner, &s.site_id, "business", 600, 5000)
+        .await;
+    let unused = app
+        .create_named_plan(&s.owner, &s.site_id, "unused", 600, 10)
+        .await;
+    // (plan, uses, revoked after): the setup's token is used twice.
+    let uses = [
+        (&s.plan_id, 1, false),
+        (&s.plan_id, 0, false),
+        (&business, 3, false),
+        (&business, 1, true),
+    ];
+    for (plan, n, revoked) in uses {
+        let (id, token) = app.create_token(&s.owner, &s.site_id, plan).await;
+        for _ in 0..n {
+            assert_eq!(app.proxy_get(&s.site_id, "/", &token).await.status(), 200);
+        }
+        if revoked {
+            let res = app.delete(&s.owner, &format!("{site}/tokens/{id}")).await;
+            assert_eq!(res.status(), 204);
+        }
+    }
+    for _ in 0..2 {
+        let res = app.proxy_get(&s.site_id, "/", &s.token).await;
+        assert_eq!(res.status(), 200);
+    }
+    let line = |u: &Value, plan: &str| -> (Value, u64, u64) {
+        let line = (u["plans"].as_array().unwrap().iter())
+            .find(|l| l["plan_id"] == plan)
+            .unwrap_or_else(|| panic!("{plan} in {u}"));
+        let n = |f: &str| line[f].as_u64().unwrap();
+        (line["name"].clone(), n("active_tokens"), n("used"))
+    };
+    let all = app.get_json(&s.owner, &format!("{site}/usage")).await;
+    assert_eq!(
+        (&all["tokens_read"], &all["active_tokens"], &all["used"]),
+        (&json!(5), &json!(4), &json!(7)),
+        "{all}"
+    );
+    assert_eq!(all["next_cursor"], Value::Null);
+    assert!(all["period"].as_u64().unwrap() > 202600 && all["resets_at"].is_u64());
+    assert_eq!(line(&all, &s.plan_id), (json!("pro"), 3, 3));
+    assert_eq!(line(&all, &business), (json!("business"), 1, 4));
+    assert_eq!(line(&all, &unused), (json!("unused"), 0, 0));
+    // Two tokens an answer: three answers, whose sums add up to the whole.
+    let pages = app
+        .pages(&s.owner, &format!("{site}/usage"), "limit=2")
+        .await;
+    assert_eq!(pages.len(), 3);
+    let total = |f: &str| pages.iter().map(|p| p[f].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        (total("tokens_read"), total("active_tokens"), total("used")),
+        (5, 4, 7)
+    );
+    let plan_used = |plan: &str| pages.iter().map(|p| line(p, plan).2).sum::<u64>();
+    assert_eq!((plan_used(&s.plan_id), plan_used(&business)), (3, 4));
+    // A deleted plan's use this month stays, under its id.
+    let business_tokens = app
+        .pages(
+            &s.owner,
+            &format!("{site}/tokens"),
+            &format!("plan_id={business}&status=active"),
+        )
+        .await;
+    for t in business_tokens[0]["items"].as_array().unwrap() {
+        let id = t["token_id"].as_str().unwrap();
+        assert_eq!(
+            app.delete(&s.owner, &format!("{site}/tokens/{id}"))
+                .await
+                .status(),
+            204
+        );
+    }
+    let res = app
+        .delete(&s.owner, &format!("{site}/plans/{business}"))
+        .await;
+    assert_eq!(res.status(), 204);
+    let all = app.get_json(&s.owner, &format!("{site}/usage")).await;
+    assert_eq!(line(&all, &business), (Value::Null, 0, 4));
+    assert_eq!(
+        (&all["active_tokens"], &all["used"]),
+        (&json!(3), &json!(7))
+    );
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("cursor=x", "cursor"),
+        ("plan_id=x", "plan_id"),
+    ] {
+        let res = app.get(&s.owner, &format!("{site}/usage?{query}")).await;
+        assert_eq!(res.status(), 422, "{query}");
+        assert_eq!(res.json::<Value>().await.unwrap()["field"], field);
+    }
+    let mallory = app.jwt("mallory", Role::SiteOwner);
+    assert_eq!(
+        app.get(&mallory, &format!("{site}/usage")).await.status(),
+        404
+    );
+    let carol = app.jwt("carol", Role::Consumer);
+    assert_eq!(
+        app.get(&carol, &format!("{site}/usage")).await.status(),
+        403
+    );
+}
+
 async fn rename_origin(app: &App, s: &Setup, origin_url: &str) -> u16 {
     app.patch(
         &s.owner,

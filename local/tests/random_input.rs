@@ -236,6 +236,7 @@ fn request(
         (format!("{s}/logs"), &["GET"]),
         (format!("{s}/logs/export"), &["GET"]),
         (format!("{s}/events"), &["GET"]),
+        (format!("{s}/usage"), &["GET"]),
         ("/api/sites/site_0000000000000000/plans".into(), &["GET"]),
         ("/api/me/tokens".into(), &["GET"]),
         ("/api/audit-trail".into(), &["GET"]),

@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route(&site("/logs"), get(query_logs))
         .route(&site("/logs/export"), get(export_logs))
         .route(&site("/events"), get(list_events))
+        .route(&site("/usage"), get(site_usage))
         .route("/api/me/tokens", get(my_tokens))
         .route("/api/audit-trail", get(audit_trail))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
@@ -825,6 +826,94 @@ fn usage_view(t: &Token, usage: &TokenUsage, plan: Option<&Plan>) -> Value {
     v
 }
 
+/// The most tokens one answer of a site's usage sums (also its default `limit`).
+const USAGE_SUM_MAX: usize = 10_000;
+
+/// This month's use of the site, by plan: `limit` tokens (default and at most
+/// 10,000) at a time, in token-id order, summed; when more tokens follow,
+/// `next_cursor` goes on from there and the answers' sums add up to the site's.
+async fn site_usage(
+    State(st): State<AppState>,
+    Extension(p): P,
+    ApiPath(site_id): ApiPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    managed_site(&st, &p, &site_id).await?;
+    let q = params(q, &["limit", "cursor"])?;
+    let limit = limit_up_to(&q, USAGE_SUM_MAX, USAGE_SUM_MAX)?;
+    let mut after = parse_cursor(&q, token_cursor)?.map(String::from);
+    let now = now_ms();
+    // Every plan of the site, and any plan a revoked token still names after its deletion.
+    let plans = st.store().list_plans(&site_id).await?;
+    let mut sums: Vec<PlanUse> = (plans.iter())
+        .map(|p| PlanUse::new(&p.plan_id, Some(p)))
+        .collect();
+    let mut read = 0;
+    let next_cursor = loop {
+        let page = (st.store())
+            .list_tokens_page(&site_id, 1000.min(limit - read), after.as_deref())
+            .await?;
+        let ids: Vec<String> = page.items.iter().map(|t| t.token_id.clone()).collect();
+        let usages = st.store().token_usages(&ids).await?;
+        for (t, u) in page.items.iter().zip(&usages) {
+            let i = match sums.iter().position(|s| s.plan_id == t.plan_id) {
+                Some(i) => i,
+                None => {
+                    sums.push(PlanUse::new(&t.plan_id, None));
+                    sums.len() - 1
+                }
+            };
+            sums[i].active_tokens += u64::from(t.revoked_at.is_none());
+            sums[i].used += u.quota.at(now).used;
+        }
+        read += page.items.len();
+        match page.next_cursor {
+            Some(c) if read < limit => after = Some(c),
+            next => break next,
+        }
+    };
+    let period = period_of(now);
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "period": period,
+            "resets_at": period_end_unix(period),
+            "tokens_read": read,
+            "active_tokens": sums.iter().map(|s| s.active_tokens).sum::<u64>(),
+            "used": sums.iter().map(|s| s.used).sum::<u64>(),
+            "plans": sums.iter().map(PlanUse::view).collect::<Vec<_>>(),
+            "next_cursor": next_cursor,
+        }),
+    ))
+}
+
+/// One plan's line of a site's usage.
+struct PlanUse<'a> {
+    plan_id: String,
+    plan: Option<&'a Plan>,
+    active_tokens: u64,
+    used: u64,
+}
+
+impl<'a> PlanUse<'a> {
+    fn new(plan_id: &str, plan: Option<&'a Plan>) -> Self {
+        Self {
+            plan_id: plan_id.to_owned(),
+            plan,
+            active_tokens: 0,
+            used: 0,
+        }
+    }
+
+    fn view(&self) -> Value {
+        json!({
+            "plan_id": self.plan_id, "name": self.plan.map(|p| &p.name),
+            "monthly_quota": self.plan.map(|p| p.monthly_quota),
+            "active_tokens": self.active_tokens, "used": self.used,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateToken {
@@ -1242,13 +1331,16 @@ fn parse_cursor<'q, T>(
 
 /// `limit`: 1–1000, default 100.
 fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    limit_up_to(q, 1000, 100)
+}
+
+/// `limit`: 1–`max`, default `default`.
+fn limit_up_to(q: &HashMap<String, String>, max: usize, default: usize) -> Result<usize, ApiError> {
     match q.get("limit") {
-        None => Ok(100),
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::invalid("limit", "must be between 1 and 1000")),
+        None => Ok(default),
+        Some(l) => (l.parse::<usize>().ok())
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| ApiError::invalid("limit", format!("must be between 1 and {max}"))),
     }
 }
 
