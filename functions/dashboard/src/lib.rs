@@ -432,7 +432,7 @@ async fn delete_site(
     use futures_util::{StreamExt, TryStreamExt};
     let site = managed_site(&st, &p, &site_id).await?;
     let (store, now) = (st.store(), now_ms() / 1000);
-    each_token_page(&st, &site_id, |tokens| async {
+    each_token_page(&st, &site_id, None, usize::MAX, |tokens| async {
         let active = tokens.into_iter().filter(|t| t.revoked_at.is_none());
         futures_util::stream::iter(active)
             .map(|t| {
@@ -462,22 +462,31 @@ async fn delete_site(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Every token of the site, handed to `each` a page at a time in token-id order, so
-/// that memory stays bounded however many tokens the site has.
-async fn each_token_page<F, Fut>(st: &AppState, site_id: &str, mut each: F) -> Result<(), ApiError>
+/// The site's tokens after the id `after` (from the first when `None`), handed to
+/// `each` a page of at most 1,000 at a time in token-id order, so that memory stays
+/// bounded however many tokens the site has; up to `budget` tokens in all. The
+/// cursor to go on from, or `None` once every token was read.
+async fn each_token_page<F, Fut>(
+    st: &AppState,
+    site_id: &str,
+    mut after: Option<String>,
+    budget: usize,
+    mut each: F,
+) -> Result<Option<String>, ApiError>
 where
     F: FnMut(Vec<Token>) -> Fut,
     Fut: std::future::Future<Output = Result<(), ApiError>>,
 {
-    let mut after: Option<String> = None;
+    let mut read = 0;
     loop {
         let page = (st.store())
-            .list_tokens_page(site_id, 1000, after.as_deref())
+            .list_tokens_page(site_id, 1000.min(budget - read), after.as_deref())
             .await?;
+        read += page.items.len();
         each(page.items).await?;
         match page.next_cursor {
-            Some(c) => after = Some(c),
-            None => return Ok(()),
+            Some(c) if read < budget => after = Some(c),
+            next => return Ok(next),
         }
     }
 }
@@ -757,7 +766,7 @@ async fn delete_plan(
     let site = managed_site(&st, &p, &site_id).await?;
     find_plan(&st, &site_id, &plan_id).await?;
     let mut active = 0;
-    each_token_page(&st, &site_id, |tokens| {
+    each_token_page(&st, &site_id, None, usize::MAX, |tokens| {
         active += (tokens.iter())
             .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
             .count();
@@ -841,44 +850,39 @@ async fn site_usage(
     managed_site(&st, &p, &site_id).await?;
     let q = params(q, &["limit", "cursor"])?;
     let limit = limit_up_to(&q, USAGE_SUM_MAX, USAGE_SUM_MAX)?;
-    let mut after = parse_cursor(&q, token_cursor)?.map(String::from);
+    let after = parse_cursor(&q, token_cursor)?.map(String::from);
+    let mut tokens = Vec::new();
+    let next_cursor = each_token_page(&st, &site_id, after, limit, |page| {
+        tokens.extend(page);
+        async { Ok(()) }
+    })
+    .await?;
+    let ids: Vec<String> = tokens.iter().map(|t| t.token_id.clone()).collect();
+    let usages = st.store().token_usages(&ids).await?;
     let now = now_ms();
     // Every plan of the site, and any plan a revoked token still names after its deletion.
     let plans = st.store().list_plans(&site_id).await?;
     let mut sums: Vec<PlanUse> = (plans.iter())
         .map(|p| PlanUse::new(&p.plan_id, Some(p)))
         .collect();
-    let mut read = 0;
-    let next_cursor = loop {
-        let page = (st.store())
-            .list_tokens_page(&site_id, 1000.min(limit - read), after.as_deref())
-            .await?;
-        let ids: Vec<String> = page.items.iter().map(|t| t.token_id.clone()).collect();
-        let usages = st.store().token_usages(&ids).await?;
-        for (t, u) in page.items.iter().zip(&usages) {
-            let i = match sums.iter().position(|s| s.plan_id == t.plan_id) {
-                Some(i) => i,
-                None => {
-                    sums.push(PlanUse::new(&t.plan_id, None));
-                    sums.len() - 1
-                }
-            };
-            sums[i].active_tokens += u64::from(t.revoked_at.is_none());
-            sums[i].used += u.quota.at(now).used;
-        }
-        read += page.items.len();
-        match page.next_cursor {
-            Some(c) if read < limit => after = Some(c),
-            next => break next,
-        }
-    };
+    for (t, u) in tokens.iter().zip(&usages) {
+        let i = match sums.iter().position(|s| s.plan_id == t.plan_id) {
+            Some(i) => i,
+            None => {
+                sums.push(PlanUse::new(&t.plan_id, None));
+                sums.len() - 1
+            }
+        };
+        sums[i].active_tokens += u64::from(t.revoked_at.is_none());
+        sums[i].used += u.quota.at(now).used;
+    }
     let period = period_of(now);
     Ok(json(
         StatusCode::OK,
         &json!({
             "period": period,
             "resets_at": period_end_unix(period),
-            "tokens_read": read,
+            "tokens_read": tokens.len(),
             "active_tokens": sums.iter().map(|s| s.active_tokens).sum::<u64>(),
             "used": sums.iter().map(|s| s.used).sum::<u64>(),
             "plans": sums.iter().map(PlanUse::view).collect::<Vec<_>>(),
