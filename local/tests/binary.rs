@@ -237,6 +237,65 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
 }
 
+/// The README's backup: a copy of the data directory, taken while the server is
+/// stopped, starts a server elsewhere with everything in it (tokens, this month's
+/// counts, audit records, the sealed signing secret, the JWT key), even once the
+/// original is gone.
+#[tokio::test]
+async fn a_copy_of_the_stopped_data_dir_restores_everything() {
+    let original = tempfile::tempdir().unwrap();
+    let mut server = start(original.path());
+    let http = client();
+    let jwt = dev_token(original.path(), "alice", "site_owner");
+    let (site, token, origin) = provision(&http, &server.base, &jwt).await;
+    let site_id = site["site_id"].as_str().unwrap().to_owned();
+    for _ in 0..5 {
+        let res = http
+            .get(format!("{}/p/{site_id}/v1/flights", server.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    server.sigterm();
+    assert!(server.exited().await.0.success());
+
+    let backup = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(original.path()).unwrap() {
+        let entry = entry.unwrap();
+        assert!(entry.file_type().unwrap().is_file(), "{entry:?}");
+        std::fs::copy(entry.path(), backup.path().join(entry.file_name())).unwrap();
+    }
+    drop(original);
+
+    let server = start(backup.path());
+    let res = http
+        .get(format!("{}/p/{site_id}/v1/flights", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "the token, and a signature the origin accepts"
+    );
+    assert_eq!(origin.count(), 6);
+    let ratelimit = header(&res, "ratelimit").unwrap_or_default();
+    assert!(ratelimit.contains("\"month\";r=44"), "{ratelimit}");
+    let logs: Value = http
+        .get(format!("{}/api/sites/{site_id}/logs", server.base))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(logs["items"].as_array().unwrap().len(), 6, "{logs}");
+}
+
 /// One JSON line per request on stderr, with the fields the runbooks query, under
 /// the response's request id; a line for each dashboard change; no key twice in a
 /// line; and no query, token, key, JWT or address anywhere in the logs.
