@@ -162,6 +162,8 @@ Middleware mode (what an origin asks):
 Audit log, as the demo site owner:
   JWT=$({exe} dev-token --data-dir {dir} --sub demo --role site_owner)
   curl -s {base}/api/sites/{site}/logs -H \"Authorization: Bearer $JWT\"
+This month's use of the site, by plan (with the JWT above):
+  curl -s {base}/api/sites/{site}/usage -H \"Authorization: Bearer $JWT\"
 Health:
   curl -s {base}/api/health
 ",

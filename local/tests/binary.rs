@@ -1007,6 +1007,18 @@ fn run_pasted(script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Run printed command groups as a user would paste them one after another into one
+/// shell (a variable one sets serves the next): each group's output.
+fn run_pasted_in_turn(groups: &[(String, String)]) -> Vec<String> {
+    const NEXT: &str = "\n--- next group ---\n";
+    let scripts: Vec<&str> = groups.iter().map(|(_, s)| s.as_str()).collect();
+    let script = scripts.join(&format!("printf '{}'\n", NEXT.replace('\n', "\\n")));
+    let out = run_pasted(&script);
+    let outputs: Vec<String> = out.split(NEXT).map(String::from).collect();
+    assert_eq!(outputs.len(), groups.len(), "{out}");
+    outputs
+}
+
 fn demo_site_id(stdout: &str) -> String {
     let line = stdout
         .lines()
@@ -1043,11 +1055,12 @@ async fn demo_prints_commands_that_work_as_printed() {
             "Call the origin directly, unsigned (rejected with 401)",
             "Middleware mode (what an origin asks)",
             "Audit log, as the demo site owner",
+            "This month's use of the site, by plan (with the JWT above)",
             "Health",
         ],
         "{stdout}"
     );
-    let ran: Vec<String> = groups.iter().map(|(_, s)| run_pasted(s)).collect();
+    let ran = run_pasted_in_turn(&groups);
 
     assert!(ran[0].starts_with("HTTP/1.1 200"), "{}", ran[0]);
     assert!(
@@ -1068,7 +1081,10 @@ async fn demo_prints_commands_that_work_as_printed() {
         .map(|r| r["mode"].as_str().unwrap())
         .collect();
     assert_eq!(modes, ["middleware", "proxy"], "newest first: {logs}");
-    let health: Value = serde_json::from_str(&ran[4]).unwrap();
+    let usage: Value = serde_json::from_str(&ran[4]).unwrap();
+    assert_eq!(usage["used"], 2, "{usage}");
+    assert_eq!(usage["plans"][0]["name"], "demo", "{usage}");
+    let health: Value = serde_json::from_str(&ran[5]).unwrap();
     assert_eq!(health["status"], "ok", "{health}");
 
     // Restart: the same site (new origin port, a new token), and its commands work.
