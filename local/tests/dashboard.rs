@@ -163,6 +163,7 @@ async fn owners_see_only_their_sites_admins_see_all_consumers_their_tokens() {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["token_id"], tok["token_id"]);
     assert_eq!(items[0]["usage"]["used"], 1);
+    assert_eq!(items[0]["plan"], "pro", "the plan's name");
     assert!(items[0].get("token").is_none());
     // Each of several tokens comes with its own usage, in token-id order, in pages.
     let res = app
@@ -1463,6 +1464,12 @@ async fn the_token_list_comes_in_pages_with_each_tokens_usage() {
         for t in items {
             let u = &t["usage"];
             let (used, quota) = (u["used"].as_u64().unwrap(), u["monthly_quota"].as_u64());
+            let plan = if quota == Some(1000) {
+                "pro"
+            } else {
+                "business"
+            };
+            assert_eq!(t["plan"], plan, "{t}");
             assert_eq!(u["remaining"].as_u64(), Some(quota.unwrap() - used));
             assert_eq!(u["last_minute"].as_u64(), Some(used), "{t}");
             assert_eq!(u["requests_per_minute"], 600);

@@ -79,11 +79,13 @@ async fn tokens_with_usage(
         .collect())
 }
 
-/// The token's view with `usage`: this month's and this minute's use against `plan`.
+/// The token's view with its `plan`'s name and `usage`: this month's and this
+/// minute's use against `plan`.
 fn usage_view(t: &Token, usage: &TokenUsage, plan: Option<&Plan>) -> Value {
     let now = now_ms();
     let quota = usage.quota.at(now);
     let mut v = token_view(t);
+    v["plan"] = json!(plan.map(|p| &p.name));
     v["usage"] = json!({
         "period": period_of(now),
         "used": quota.used,
