@@ -4,7 +4,7 @@
 pub mod server;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,6 +178,9 @@ fn load_or_create_sealing_key(data_dir: &Path) -> anyhow_like::Result<[u8; 32]> 
 pub struct Local {
     pub state: AppState,
     pub issuer: Arc<Issuer>,
+    data_dir: PathBuf,
+    /// The store, when it is the embedded one (which [`Local::backup`] copies).
+    embedded: Option<EmbeddedStore>,
 }
 
 impl Local {
@@ -187,7 +190,9 @@ impl Local {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
         let store = EmbeddedStore::open(&data_dir.join("payfence.redb"))?;
-        Self::open_with_store(data_dir, config, Arc::new(store))
+        let mut local = Self::open_with_store(data_dir, config, Arc::new(store.clone()))?;
+        local.embedded = Some(store);
+        Ok(local)
     }
 
     /// The DynamoDB table `table` (created with the documented schema if missing)
@@ -222,7 +227,34 @@ impl Local {
             config,
             Some(issuer.verifier()),
         );
-        Ok(Self { state, issuer })
+        Ok(Self {
+            state,
+            issuer,
+            data_dir: data_dir.to_owned(),
+            embedded: None,
+        })
+    }
+
+    /// Back the data directory up while serving: a consistent copy of the database
+    /// (every decision acknowledged before it began) and the keys, in a new
+    /// directory `backups/<UTC time>` of the data directory, which a server can be
+    /// started on. Its path.
+    pub async fn backup(&self) -> anyhow_like::Result<PathBuf> {
+        let Some(store) = &self.embedded else {
+            return Err("the store is DynamoDB: use its point-in-time recovery".into());
+        };
+        let backups = self.data_dir.join("backups");
+        std::fs::create_dir_all(&backups).map_err(|e| format!("{}: {e}", backups.display()))?;
+        let name = payfence_core::domain::rfc3339_ms(now_ms()).replace(':', "");
+        let dir = backups.join(name);
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        store.backup(&dir.join("payfence.redb")).await?;
+        for key in ["sealing.key", "jwt-signing-key.pem"] {
+            let bytes = read_private(&self.data_dir.join(key))?
+                .ok_or_else(|| format!("{key} is missing from the data directory"))?;
+            write_private(&dir.join(key), &bytes)?;
+        }
+        Ok(dir)
     }
 
     /// Every function's router, merged, plus the issuer's JWKS.

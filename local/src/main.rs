@@ -1,5 +1,6 @@
 //! `payfence-local [--listen ADDR] [--data-dir DIR] [--demo] [--allow-http-origins]`
 //! `payfence-local dev-token [--data-dir DIR] --sub SUB --role ROLE`
+//! SIGUSR1 backs the data directory up while serving ([`Local::backup`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -194,8 +195,20 @@ Health:
             let _ = signals.wait_for(|seen| *seen >= n).await;
         }
     };
+    // SIGUSR1: back the data directory up, while serving.
+    let local = Arc::new(local);
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let backing_up = local.clone();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match backing_up.backup().await {
+                Ok(dir) => tracing::info!(dir = %dir.display(), "backup written"),
+                Err(e) => tracing::error!(error = %e, "backup failed"),
+            }
+        }
+    });
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (shutdown, force) = (nth_signal(1), nth_signal(2));
-    server::run(listener, Arc::new(local), threads, shutdown, force).await?;
+    server::run(listener, local, threads, shutdown, force).await?;
     Ok(())
 }

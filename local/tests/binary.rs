@@ -20,9 +20,13 @@ struct Server {
 
 impl Server {
     fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{name}"), &pid])
             .status()
             .unwrap()
             .success());
@@ -237,63 +241,94 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
 }
 
-/// The README's backup: a copy of the data directory, taken while the server is
-/// stopped, starts a server elsewhere with everything in it (tokens, this month's
-/// counts, audit records, the sealed signing secret, the JWT key), even once the
-/// original is gone.
+/// The README's backups: a copy of the data directory taken while the server is
+/// stopped, and the one it writes on SIGUSR1 while serving, each start a server
+/// elsewhere with everything in it (tokens, this month's counts, audit records, the
+/// sealed signing secret, the JWT key), once the original is gone. A decision made
+/// after the live backup is not in it.
 #[tokio::test]
-async fn a_copy_of_the_stopped_data_dir_restores_everything() {
-    let original = tempfile::tempdir().unwrap();
-    let mut server = start(original.path());
-    let http = client();
-    let jwt = dev_token(original.path(), "alice", "site_owner");
-    let (site, token, origin) = provision(&http, &server.base, &jwt).await;
-    let site_id = site["site_id"].as_str().unwrap().to_owned();
-    for _ in 0..5 {
-        let res = http
-            .get(format!("{}/p/{site_id}/v1/flights", server.base))
-            .bearer_auth(&token)
+async fn a_backup_taken_stopped_or_while_serving_restores_everything() {
+    for live in [false, true] {
+        let original = tempfile::tempdir().unwrap();
+        let mut server = start(original.path());
+        let http = client();
+        let jwt = dev_token(original.path(), "alice", "site_owner");
+        let (site, token, origin) = provision(&http, &server.base, &jwt).await;
+        let site_id = site["site_id"].as_str().unwrap().to_owned();
+        let call = |base: String| {
+            let request = http
+                .get(format!("{base}/p/{site_id}/v1/flights"))
+                .bearer_auth(&token);
+            async move { request.send().await.unwrap() }
+        };
+        for _ in 0..5 {
+            assert_eq!(call(server.base.clone()).await.status(), 200);
+        }
+        let from = if live {
+            server.signal("USR1");
+            let dir = backup_written(&server).await;
+            assert_eq!(call(server.base.clone()).await.status(), 200);
+            dir
+        } else {
+            server.sigterm();
+            assert!(server.exited().await.0.success());
+            original.path().to_owned()
+        };
+        drop(server);
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "backups" {
+                assert!(entry.file_type().unwrap().is_file(), "{entry:?}");
+                std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+            }
+        }
+        drop(original);
+
+        let server = start(copy.path());
+        let res = call(server.base.clone()).await;
+        assert_eq!(
+            res.status(),
+            200,
+            "the token, and a signature the origin accepts"
+        );
+        assert_eq!(origin.count(), if live { 7 } else { 6 });
+        let ratelimit = header(&res, "ratelimit").unwrap_or_default();
+        assert!(
+            ratelimit.contains("\"month\";r=44"),
+            "live {live}: {ratelimit}"
+        );
+        let logs: Value = http
+            .get(format!("{}/api/sites/{site_id}/logs", server.base))
+            .bearer_auth(&jwt)
             .send()
             .await
+            .unwrap()
+            .json()
+            .await
             .unwrap();
-        assert_eq!(res.status(), 200);
+        assert_eq!(
+            logs["items"].as_array().unwrap().len(),
+            6,
+            "live {live}: {logs}"
+        );
     }
-    server.sigterm();
-    assert!(server.exited().await.0.success());
+}
 
-    let backup = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(original.path()).unwrap() {
-        let entry = entry.unwrap();
-        assert!(entry.file_type().unwrap().is_file(), "{entry:?}");
-        std::fs::copy(entry.path(), backup.path().join(entry.file_name())).unwrap();
+/// Wait (up to 30 s) for the server's "backup written" log line: the backup's
+/// directory.
+async fn backup_written(server: &Server) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let logs = server.stderr.lock().unwrap().clone();
+        let line = logs.lines().find(|l| l.contains("backup written"));
+        if let Some(line) = line {
+            let v: Value = serde_json::from_str(line).unwrap();
+            return v["dir"].as_str().unwrap_or_else(|| panic!("{line}")).into();
+        }
+        assert!(std::time::Instant::now() < deadline, "no backup: {logs}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    drop(original);
-
-    let server = start(backup.path());
-    let res = http
-        .get(format!("{}/p/{site_id}/v1/flights", server.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        res.status(),
-        200,
-        "the token, and a signature the origin accepts"
-    );
-    assert_eq!(origin.count(), 6);
-    let ratelimit = header(&res, "ratelimit").unwrap_or_default();
-    assert!(ratelimit.contains("\"month\";r=44"), "{ratelimit}");
-    let logs: Value = http
-        .get(format!("{}/api/sites/{site_id}/logs", server.base))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(logs["items"].as_array().unwrap().len(), 6, "{logs}");
 }
 
 /// One JSON line per request on stderr, with the fields the runbooks query, under

@@ -1171,6 +1171,81 @@ async fn embedded_purges_expired_audit_records() {
     assert_eq!(store.purge_expired(now_s).await.unwrap(), 0);
 }
 
+/// A backup taken while decisions go on holds every decision acknowledged before it
+/// began, and opens as a store of its own; it never writes over an existing file.
+#[tokio::test]
+async fn embedded_backup_holds_every_acknowledged_decision_while_decisions_go_on() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+    let store: Arc<dyn Store> = Arc::new(embedded.clone());
+    let (s, p, t) = setup(&store, 10_000, 1_000_000).await;
+    let (acked, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    // Decisions 10 ms apart: within the site's 1,000 a second and the plan's limits.
+    let tick = Arc::new(AtomicU64::new(0));
+    let deciders: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, acked, stop) = (store.clone(), acked.clone(), stop.clone());
+            let (s, p, t, tick) = (s.clone(), p.clone(), t.clone(), tick.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let at = NOW + 10 * tick.fetch_add(1, Ordering::SeqCst);
+                    assert!(allowed(&count(&store, count_req(&s, &t, &p, at)).await));
+                    acked.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    while acked.load(Ordering::SeqCst) < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let copy = tempfile::tempdir().unwrap();
+    let before = acked.load(Ordering::SeqCst);
+    embedded.backup(&copy.path().join("db.redb")).await.unwrap();
+    let during = acked.load(Ordering::SeqCst);
+    stop.store(true, Ordering::Relaxed);
+    for d in deciders {
+        d.await.unwrap();
+    }
+    assert!(
+        matches!(
+            embedded.backup(&copy.path().join("db.redb")).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "an existing file is never written over"
+    );
+
+    let restored: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&copy.path().join("db.redb")).unwrap());
+    assert_eq!(
+        restored.get_token(&s.site_id, &t.token_id).await.unwrap(),
+        Some(t.clone())
+    );
+    let used = restored
+        .token_usage(&t.token_id)
+        .await
+        .unwrap()
+        .quota
+        .at(NOW)
+        .used;
+    assert!(
+        (before..=during + 4).contains(&used),
+        "{used} used in the copy; {before} acknowledged before it began, {during} when it ended"
+    );
+    let all = acked.load(Ordering::SeqCst);
+    let now = store
+        .token_usage(&t.token_id)
+        .await
+        .unwrap()
+        .quota
+        .at(NOW)
+        .used;
+    assert_eq!(now, all, "the original goes on with every decision");
+}
+
 /// A revoked API key is kept (listed) for as long as audit records, then purged
 /// with its hash; active keys and those revoked since stay.
 #[tokio::test]

@@ -500,6 +500,33 @@ impl EmbeddedStore {
         })
     }
 
+    /// Write a consistent copy of the database to `path`, a new file: every decision
+    /// acknowledged before the call is in it. Requests go on being served meanwhile
+    /// (the copy reads one snapshot). A server started on a directory holding the copy
+    /// (and the data directory's keys) starts from that state.
+    pub async fn backup(&self, path: &Path) -> Result<()> {
+        self.shared.wal.sync().await?;
+        let (db, path) = (self.shared.db.clone(), path.to_owned());
+        let copied = tokio::task::spawn_blocking(move || {
+            let snapshot = db.begin_read().map_err(unavailable)?;
+            if path.exists() {
+                return Err(StoreError::Conflict(path.display().to_string()));
+            }
+            let copy = Database::create(&path).map_err(unavailable)?;
+            let txn = copy.begin_write().map_err(unavailable)?;
+            for def in ALL {
+                let from = snapshot.open_table(def).map_err(unavailable)?;
+                let mut to = txn.open_table(def).map_err(unavailable)?;
+                for row in from.iter().map_err(unavailable)? {
+                    let (k, v) = row.map_err(unavailable)?;
+                    to.insert(k.value(), v.value()).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        });
+        copied.await.map_err(unavailable)?
+    }
+
     /// Queue `f` for the next write transaction; the receiver answers after it commits.
     async fn submit<R: Send + 'static>(
         &self,
