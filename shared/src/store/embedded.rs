@@ -77,6 +77,9 @@ const INDEXED: &str = "indexed";
 /// Tokens kept in memory before those already in the database are let go.
 const MAX_HOT_TOKENS: usize = 100_000;
 
+/// Records a backup copies in one transaction.
+const BACKUP_ROWS: usize = 50_000;
+
 /// Most jobs applied in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -502,27 +505,43 @@ impl EmbeddedStore {
 
     /// Write a consistent copy of the database to `path`, a new file: every decision
     /// acknowledged before the call is in it. Requests go on being served meanwhile
-    /// (the copy reads one snapshot). A server started on a directory holding the copy
-    /// (and the data directory's keys) starts from that state.
+    /// (the copy reads one snapshot). The copy is written beside `path` and renamed
+    /// to it once complete, in transactions of [`BACKUP_ROWS`] records so that its
+    /// memory stays bounded. A server started on a directory holding the copy (and
+    /// the data directory's keys) starts from that state.
     pub async fn backup(&self, path: &Path) -> Result<()> {
         self.shared.wal.sync().await?;
         let (db, path) = (self.shared.db.clone(), path.to_owned());
         let copied = tokio::task::spawn_blocking(move || {
             let snapshot = db.begin_read().map_err(unavailable)?;
-            if path.exists() {
-                return Err(StoreError::Conflict(path.display().to_string()));
-            }
-            let copy = Database::create(&path).map_err(unavailable)?;
-            let txn = copy.begin_write().map_err(unavailable)?;
-            for def in ALL {
-                let from = snapshot.open_table(def).map_err(unavailable)?;
-                let mut to = txn.open_table(def).map_err(unavailable)?;
-                for row in from.iter().map_err(unavailable)? {
-                    let (k, v) = row.map_err(unavailable)?;
-                    to.insert(k.value(), v.value()).map_err(unavailable)?;
+            let partial = path.with_extension("partial");
+            for p in [&path, &partial] {
+                if p.exists() {
+                    return Err(StoreError::Conflict(p.display().to_string()));
                 }
             }
-            txn.commit().map_err(unavailable)
+            let copy = Database::create(&partial).map_err(unavailable)?;
+            for def in ALL {
+                let from = snapshot.open_table(def).map_err(unavailable)?;
+                let mut rows = from.iter().map_err(unavailable)?.peekable();
+                // Each table is created even when empty.
+                loop {
+                    let txn = copy.begin_write().map_err(unavailable)?;
+                    {
+                        let mut to = txn.open_table(def).map_err(unavailable)?;
+                        for row in rows.by_ref().take(BACKUP_ROWS) {
+                            let (k, v) = row.map_err(unavailable)?;
+                            to.insert(k.value(), v.value()).map_err(unavailable)?;
+                        }
+                    }
+                    txn.commit().map_err(unavailable)?;
+                    if rows.peek().is_none() {
+                        break;
+                    }
+                }
+            }
+            drop(copy);
+            std::fs::rename(&partial, &path).map_err(unavailable)
         });
         copied.await.map_err(unavailable)?
     }
