@@ -229,15 +229,12 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
         "{:?}",
         header(&res, "ratelimit")
     );
-    let logs: Value = http
-        .get(format!("{}/api/sites/{site_id}/logs", server.base))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let logs = get_json(
+        &http,
+        &format!("{}/api/sites/{site_id}/logs", server.base),
+        &jwt,
+    )
+    .await;
     assert_eq!(logs["items"].as_array().unwrap().len(), 8);
 }
 
@@ -298,15 +295,12 @@ async fn a_backup_taken_stopped_or_while_serving_restores_everything() {
             ratelimit.contains("\"month\";r=44"),
             "live {live}: {ratelimit}"
         );
-        let logs: Value = http
-            .get(format!("{}/api/sites/{site_id}/logs", server.base))
-            .bearer_auth(&jwt)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let logs = get_json(
+            &http,
+            &format!("{}/api/sites/{site_id}/logs", server.base),
+            &jwt,
+        )
+        .await;
         assert_eq!(
             logs["items"].as_array().unwrap().len(),
             6,
@@ -690,6 +684,12 @@ async fn provision(http: &reqwest::Client, base: &str, jwt: &str) -> (Value, Str
     .await;
     let token = tok["token"].as_str().unwrap().to_owned();
     (site, token, origin)
+}
+
+async fn get_json(http: &reqwest::Client, url: &str, jwt: &str) -> Value {
+    let res = http.get(url).bearer_auth(jwt).send().await.unwrap();
+    assert!(res.status().is_success(), "{url}: {}", res.status());
+    res.json().await.unwrap()
 }
 
 async fn post_json(http: &reqwest::Client, url: &str, jwt: &str, body: &Value) -> Value {

@@ -1224,26 +1224,29 @@ async fn embedded_backup_holds_every_acknowledged_decision_while_decisions_go_on
         restored.get_token(&s.site_id, &t.token_id).await.unwrap(),
         Some(t.clone())
     );
-    let used = restored
-        .token_usage(&t.token_id)
-        .await
-        .unwrap()
-        .quota
-        .at(NOW)
-        .used;
+    let used_in = |store: Arc<dyn Store>| {
+        let token_id = t.token_id.clone();
+        async move {
+            store
+                .token_usage(&token_id)
+                .await
+                .unwrap()
+                .quota
+                .at(NOW)
+                .used
+        }
+    };
+    let used = used_in(restored).await;
     assert!(
         (before..=during + 4).contains(&used),
         "{used} used in the copy; {before} acknowledged before it began, {during} when it ended"
     );
     let all = acked.load(Ordering::SeqCst);
-    let now = store
-        .token_usage(&t.token_id)
-        .await
-        .unwrap()
-        .quota
-        .at(NOW)
-        .used;
-    assert_eq!(now, all, "the original goes on with every decision");
+    assert_eq!(
+        used_in(store).await,
+        all,
+        "the original goes on with every decision"
+    );
 }
 
 /// A revoked API key is kept (listed) for as long as audit records, then purged
