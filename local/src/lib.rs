@@ -248,13 +248,23 @@ impl Local {
         let name = payfence_core::domain::rfc3339_ms(now_ms()).replace(':', "");
         let dir = backups.join(name);
         std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        store.backup(&dir.join("payfence.redb")).await?;
-        for key in ["sealing.key", "jwt-signing-key.pem"] {
-            let bytes = read_private(&self.data_dir.join(key))?
-                .ok_or_else(|| format!("{key} is missing from the data directory"))?;
-            write_private(&dir.join(key), &bytes)?;
+        let written = async {
+            store.backup(&dir.join("payfence.redb")).await?;
+            for key in ["sealing.key", "jwt-signing-key.pem"] {
+                let bytes = read_private(&self.data_dir.join(key))?
+                    .ok_or_else(|| format!("{key} is missing from the data directory"))?;
+                write_private(&dir.join(key), &bytes)?;
+            }
+            Ok(())
+        };
+        match written.await {
+            Ok(()) => Ok(dir),
+            Err(e) => {
+                // Leave no half backup that could pass for a whole one.
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
         }
-        Ok(dir)
     }
 
     /// Every function's router, merged, plus the issuer's JWKS.

@@ -309,18 +309,49 @@ async fn a_backup_taken_stopped_or_while_serving_restores_everything() {
     }
 }
 
+/// A backup that fails part-way (here: a key gone from the data directory) is
+/// logged, leaves no directory behind that could pass for a backup, and the server
+/// serves on.
+#[tokio::test]
+async fn a_failed_backup_leaves_nothing_behind_and_the_server_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    std::fs::remove_file(dir.path().join("jwt-signing-key.pem")).unwrap();
+    server.signal("USR1");
+    let line = backup_log_line(&server, "backup failed").await;
+    assert!(line.contains("jwt-signing-key.pem is missing"), "{line}");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("backups"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let health = client()
+        .get(format!("{}/api/health", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
+
 /// Wait (up to 30 s) for the server's "backup written" log line: the backup's
 /// directory.
 async fn backup_written(server: &Server) -> std::path::PathBuf {
+    let line = backup_log_line(server, "backup written").await;
+    let v: Value = serde_json::from_str(&line).unwrap();
+    v["dir"].as_str().unwrap_or_else(|| panic!("{line}")).into()
+}
+
+/// Wait (up to 30 s) for a log line holding `message`.
+async fn backup_log_line(server: &Server, message: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let logs = server.stderr.lock().unwrap().clone();
-        let line = logs.lines().find(|l| l.contains("backup written"));
-        if let Some(line) = line {
-            let v: Value = serde_json::from_str(line).unwrap();
-            return v["dir"].as_str().unwrap_or_else(|| panic!("{line}")).into();
+        if let Some(line) = logs.lines().find(|l| l.contains(message)) {
+            return line.to_owned();
         }
-        assert!(std::time::Instant::now() < deadline, "no backup: {logs}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {message:?}: {logs}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
