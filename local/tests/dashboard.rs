@@ -1485,6 +1485,89 @@ async fn the_token_list_comes_in_pages_with_each_tokens_usage() {
     assert_eq!(all["next_cursor"], Value::Null);
 }
 
+/// A token revoked more than 90 days ago is history past its keeping: no list shows
+/// it and it cannot be read, changed or revoked (404), on either store (DynamoDB's
+/// TTL may delete it days late). Once the embedded store's hourly purge has run,
+/// its secret is as unknown as any (401); a token revoked since still gets 403.
+#[tokio::test]
+async fn a_token_revoked_over_90_days_ago_is_no_longer_shown_then_deleted() {
+    use payfence_core::domain::{now_ms, REVOKED_KEPT_SECS};
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let tokens = format!("/api/sites/{}/tokens", s.site_id);
+    let mut issued = Vec::new(); // (id, secret): revoked long ago, just now; active
+    for _ in 0..3 {
+        let res = (app.post(
+            &s.owner,
+            &tokens,
+            json!({"plan_id": s.plan_id, "consumer": "carol"}),
+        ))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+        let field = |f: &str| res[f].as_str().unwrap().to_owned();
+        issued.push((field("token_id"), field("token")));
+    }
+    let store = app.local.state.store().clone();
+    let long_ago = now_ms() / 1000 - REVOKED_KEPT_SECS;
+    (store.revoke_token(&s.site_id, &issued[0].0, long_ago))
+        .await
+        .unwrap()
+        .unwrap();
+    let res = app
+        .delete(&s.owner, &format!("{tokens}/{}", issued[1].0))
+        .await;
+    assert_eq!(res.status(), 204);
+    let carol = app.jwt("carol", Role::Consumer);
+    let (old, recent, active) = (&issued[0].0, &issued[1].0, &issued[2].0);
+    for (jwt, path, filter, wanted) in [
+        (
+            &s.owner,
+            tokens.as_str(),
+            "",
+            vec![&s.token_id, recent, active],
+        ),
+        (&s.owner, &tokens, "status=revoked&", vec![recent]),
+        (&carol, "/api/me/tokens", "", vec![recent, active]),
+    ] {
+        let mut wanted: Vec<&str> = wanted.into_iter().map(String::as_str).collect();
+        wanted.sort();
+        for limit in [1, 100] {
+            let mut listed = Vec::new();
+            for page in app
+                .pages(jwt, path, &format!("{filter}limit={limit}"))
+                .await
+            {
+                for t in page["items"].as_array().unwrap() {
+                    listed.push(t["token_id"].as_str().unwrap().to_owned());
+                }
+            }
+            assert_eq!(listed, wanted, "{path}?{filter}limit={limit}");
+        }
+    }
+    let it = format!("{tokens}/{old}");
+    assert_eq!(app.get(&s.owner, &it).await.status(), 404);
+    let res = app.patch(&s.owner, &it, json!({"label": "x"})).await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(app.delete(&s.owner, &it).await.status(), 404);
+    if std::env::var("PAYFENCE_TEST_STORE").as_deref() == Ok("dynamodb") {
+        return; // the test server does not run TTL
+    }
+    store.purge_expired(now_ms() / 1000).await.unwrap();
+    for ((_, secret), status, reason) in [
+        (&issued[0], 401, "invalid_token"),
+        (&issued[1], 403, "token_revoked"),
+        (&issued[2], 200, ""),
+    ] {
+        let res = app.proxy_get(&s.site_id, "/x", secret).await;
+        assert_eq!(res.status(), status, "{reason}");
+        if status != 200 {
+            assert_eq!(res.json::<Value>().await.unwrap()["reason"], reason);
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_token_list_narrows_to_a_plan_a_status_or_a_consumer() {
     let app = spawn_app().await;

@@ -115,6 +115,14 @@ pub struct Token {
     pub revoked_at: Option<u64>,
 }
 
+impl Token {
+    /// Whether the token is still kept at `now_s`: active, or revoked within
+    /// [`REVOKED_KEPT_SECS`].
+    pub fn kept_at(&self, now_s: u64) -> bool {
+        kept(self.revoked_at, now_s)
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiKey {
     pub key_id: String,
@@ -130,16 +138,20 @@ pub struct ApiKey {
     pub revoked_at: Option<u64>,
 }
 
-/// How long a revoked API key stays listed and stored: as long as audit records.
-/// Revocation is final, so the key is only history; this bounds that history.
-pub const REVOKED_KEY_KEPT_SECS: u64 = AUDIT_RETENTION_SECS;
+/// How long a revoked token or API key stays listed and stored: as long as audit
+/// records. Revocation is final, so it is only history; this bounds that history.
+pub const REVOKED_KEPT_SECS: u64 = AUDIT_RETENTION_SECS;
+
+/// Whether something revoked at `revoked_at` (if ever) is still kept at `now_s`.
+fn kept(revoked_at: Option<u64>, now_s: u64) -> bool {
+    revoked_at.is_none_or(|r| r.saturating_add(REVOKED_KEPT_SECS) > now_s)
+}
 
 impl ApiKey {
     /// Whether the key is still kept at `now_s`: active, or revoked within
-    /// [`REVOKED_KEY_KEPT_SECS`].
+    /// [`REVOKED_KEPT_SECS`].
     pub fn kept_at(&self, now_s: u64) -> bool {
-        self.revoked_at
-            .is_none_or(|r| r.saturating_add(REVOKED_KEY_KEPT_SECS) > now_s)
+        kept(self.revoked_at, now_s)
     }
 
     /// A new key of the site; the key itself is returned beside it, to be shown once.
@@ -359,14 +371,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_revoked_key_is_kept_exactly_as_long_as_audit_records() {
+    fn revoked_tokens_and_keys_are_kept_exactly_as_long_as_audit_records() {
+        assert_eq!(REVOKED_KEPT_SECS, 90 * 24 * 3600);
         let (mut k, _) = ApiKey::new("site_0000000000000000", None, 5);
         assert!(k.kept_at(u64::MAX), "an active key is always kept");
         k.revoked_at = Some(100);
-        assert!(k.kept_at(100 + REVOKED_KEY_KEPT_SECS - 1));
-        assert!(!k.kept_at(100 + REVOKED_KEY_KEPT_SECS));
+        assert!(k.kept_at(100 + REVOKED_KEPT_SECS - 1));
+        assert!(!k.kept_at(100 + REVOKED_KEPT_SECS));
         k.revoked_at = Some(u64::MAX);
         assert!(k.kept_at(u64::MAX - 1), "no overflow");
+        let mut t = Token {
+            token_id: "tok_0000000000000000".into(),
+            site_id: k.site_id,
+            plan_id: "plan_0000000000000000".into(),
+            token_hash: k.key_hash,
+            label: None,
+            consumer: None,
+            created_at: 5,
+            revoked_at: None,
+        };
+        assert!(t.kept_at(u64::MAX), "an active token is always kept");
+        t.revoked_at = Some(100);
+        assert!(t.kept_at(100 + REVOKED_KEPT_SECS - 1));
+        assert!(!t.kept_at(100 + REVOKED_KEPT_SECS));
     }
 
     #[test]

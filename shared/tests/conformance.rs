@@ -12,7 +12,7 @@ use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::{
     parse_admin_cursor, parse_event_cursor, AuditStore, CountRequest, Counted, KeyStore, Store,
-    StoreError,
+    StoreError, TokenStore,
 };
 
 const NOW: u64 = 1_795_000_020_000; // 2026-11, early in a minute
@@ -1266,7 +1266,7 @@ async fn embedded_purges_api_keys_revoked_past_their_keeping() {
     for (k, at) in keys.iter().zip([t0, t0 + 10]) {
         store.revoke_key(&s.site_id, &k.key_id, at).await.unwrap();
     }
-    let now_s = t0 + REVOKED_KEY_KEPT_SECS;
+    let now_s = t0 + REVOKED_KEPT_SECS;
     let listed = || async {
         let mut ids: Vec<String> = (store.list_keys(&s.site_id).await.unwrap())
             .into_iter()
@@ -1287,6 +1287,75 @@ async fn embedded_purges_api_keys_revoked_past_their_keeping() {
     for k in &keys[1..] {
         let found = store.key_by_hash(&k.key_hash).await.unwrap().unwrap();
         assert_eq!(found.key_id, k.key_id);
+    }
+}
+
+/// A revoked token is kept (listed, found by its hash, its usage readable) for as
+/// long as audit records, then purged with its hash, its usage and its place in its
+/// consumer's list; active tokens and those revoked since stay. Checked again
+/// after reopening, so it is the database and not memory that lost it.
+#[tokio::test]
+async fn embedded_purges_tokens_revoked_past_their_keeping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).unwrap());
+    let s = site("o");
+    store.create_site(&s).await.unwrap();
+    let p = plan(&s.site_id, 60, 1000);
+    store.create_plan(&p).await.unwrap();
+    let t0 = NOW / 1000;
+    let tokens: Vec<Token> = (0..3)
+        .map(|_| token(&s.site_id, &p.plan_id, Some("carol")))
+        .collect();
+    for t in &tokens {
+        store.create_token(t).await.unwrap();
+        assert!(allowed(&count(&store, count_req(&s, t, &p, NOW)).await));
+    }
+    for (t, at) in tokens.iter().zip([t0, t0 + 10]) {
+        store
+            .revoke_token(&s.site_id, &t.token_id, at)
+            .await
+            .unwrap();
+    }
+    let now_s = t0 + REVOKED_KEPT_SECS;
+    let ids = |t: &[Token]| -> Vec<String> {
+        let mut ids: Vec<String> = t.iter().map(|t| t.token_id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    store.purge_expired(now_s - 1).await.unwrap();
+    tokens_kept(&*store, &tokens, &ids(&tokens)).await;
+    store.purge_expired(now_s).await.unwrap();
+    let left = ids(&tokens[1..]);
+    tokens_kept(&*store, &tokens, &left).await;
+    drop(store);
+    tokens_kept(&EmbeddedStore::open(&path).unwrap(), &tokens, &left).await;
+}
+
+/// Of `tokens` (one site's, all `carol`'s, each with one request counted), the
+/// store has exactly `kept` (sorted ids): listed, found and with their usage.
+async fn tokens_kept(store: &dyn Store, tokens: &[Token], kept: &[String]) {
+    let ids = |page: Page<Token>| {
+        let mut ids: Vec<String> = page.items.into_iter().map(|t| t.token_id).collect();
+        ids.sort();
+        ids
+    };
+    let site_id = &tokens[0].site_id;
+    let site_list = store.list_tokens_page(site_id, 10, None).await.unwrap();
+    assert_eq!(ids(site_list), kept);
+    let mine = store.list_consumer_tokens_page("carol", 10, None).await;
+    assert_eq!(ids(mine.unwrap()), kept);
+    for t in tokens {
+        let is_kept = kept.contains(&t.token_id);
+        let by_hash = store.token_by_hash(&t.token_hash).await.unwrap();
+        assert_eq!(
+            by_hash.map(|t| t.token_id),
+            is_kept.then(|| t.token_id.clone())
+        );
+        let found = store.get_token(site_id, &t.token_id).await.unwrap();
+        assert_eq!(found.is_some(), is_kept);
+        let used = store.token_usage(&t.token_id).await.unwrap().quota.used;
+        assert_eq!(used, u64::from(is_kept), "{}", t.token_id);
     }
 }
 
@@ -1360,7 +1429,7 @@ async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
         .unwrap();
     for (k, expiry) in [
         (&active, None),
-        (&revoked, Some((7 + REVOKED_KEY_KEPT_SECS).to_string())),
+        (&revoked, Some((7 + REVOKED_KEPT_SECS).to_string())),
     ] {
         let item = store
             .client()
@@ -1376,5 +1445,48 @@ async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
             .unwrap();
         let at = item.get("expires_at").map(|v| v.as_n().unwrap().clone());
         assert_eq!(at, expiry);
+    }
+    // So does a revoked token: its record, usage and hash items, at the first
+    // revocation's time + 90 days (a second one changes nothing); an active
+    // token's never do.
+    let p = plan(&s.site_id, 60, 1000);
+    let (active, revoked) = (
+        token(&s.site_id, &p.plan_id, None),
+        token(&s.site_id, &p.plan_id, None),
+    );
+    for t in [&active, &revoked] {
+        store.create_token(t).await.unwrap();
+    }
+    for at in [7, 9] {
+        let t = store
+            .revoke_token(&s.site_id, &revoked.token_id, at)
+            .await
+            .unwrap();
+        assert_eq!(t.unwrap().revoked_at, Some(7));
+    }
+    for (t, expiry) in [
+        (&active, None),
+        (&revoked, Some((7 + REVOKED_KEPT_SECS).to_string())),
+    ] {
+        for (pk, sk) in [
+            (format!("TOKEN#{}", t.token_id), "TOKEN"),
+            (format!("TOKEN#{}", t.token_id), "USAGE"),
+            (format!("TOKENHASH#{}", t.token_hash), "TOKENHASH"),
+        ] {
+            let item = store
+                .client()
+                .get_item()
+                .table_name(&table)
+                .key("pk", AttributeValue::S(pk))
+                .key("sk", AttributeValue::S(sk.into()))
+                .consistent_read(true)
+                .send()
+                .await
+                .unwrap()
+                .item
+                .unwrap();
+            let at = item.get("expires_at").map(|v| v.as_n().unwrap().clone());
+            assert_eq!(at, expiry, "{sk}");
+        }
     }
 }

@@ -184,26 +184,28 @@ impl TokenFilter {
 /// ends, short of its `limit` (even empty), with a cursor to go on from.
 const FILTER_READ_BUDGET: usize = 10_000;
 
-/// A page of up to `limit` tokens that `keep`, from the pages `page(after)` gives
-/// (a site's tokens, in id order), starting after `after`; it ends early, with a
-/// cursor, once `budget` tokens have been read.
+/// A page of up to `limit` tokens that `keep`, from the pages `page(after, size)`
+/// gives (a site's or a consumer's tokens, in id order, up to `size` a page),
+/// starting after `after`: the first of `first` tokens, then of 1,000. It ends
+/// early, with a cursor, once `budget` tokens have been read.
 async fn filtered_page<F, Fut>(
     mut page: F,
     keep: impl Fn(&Token) -> bool,
-    limit: usize,
+    (limit, first): (usize, usize),
     mut after: Option<String>,
     budget: usize,
 ) -> Result<Page<Token>, ApiError>
 where
-    F: FnMut(Option<String>) -> Fut,
+    F: FnMut(Option<String>, usize) -> Fut,
     Fut: std::future::Future<Output = Result<Page<Token>, ApiError>>,
 {
     let (mut items, mut read) = (Vec::new(), 0);
     loop {
+        let size = if read == 0 { first } else { 1000 };
         let Page {
             items: tokens,
             next_cursor,
-        } = page(after).await?;
+        } = page(after, size).await?;
         read += tokens.len();
         let mut tokens = tokens.into_iter();
         for t in tokens.by_ref() {
@@ -239,19 +241,19 @@ pub(super) async fn list_tokens(
     let limit = parse_limit(&q)?;
     let after = parse_cursor(&q, token_cursor)?;
     let filter = TokenFilter::parse(&q)?;
-    let page = if filter.is_none() {
-        st.store().list_tokens_page(&site_id, limit, after).await?
-    } else {
-        let read = |after: Option<String>| {
-            let (st, site_id) = (&st, &site_id);
-            async move {
-                let page = st.store().list_tokens_page(site_id, 1000, after.as_deref());
-                Ok::<_, ApiError>(page.await?)
-            }
-        };
-        let keep = |t: &Token| filter.keeps(t);
-        filtered_page(read, keep, limit, after.map(Into::into), FILTER_READ_BUDGET).await?
+    let read = |after: Option<String>, size| {
+        let (st, site_id) = (&st, &site_id);
+        async move {
+            let page = st.store().list_tokens_page(site_id, size, after.as_deref());
+            Ok::<_, ApiError>(page.await?)
+        }
     };
+    let now_s = now_ms() / 1000;
+    let keep = |t: &Token| t.kept_at(now_s) && filter.keeps(t);
+    // Unfiltered, the first `limit` tokens usually are the page.
+    let first = if filter.is_none() { limit } else { 1000 };
+    let after = after.map(Into::into);
+    let page = filtered_page(read, keep, (limit, first), after, FILTER_READ_BUDGET).await?;
     let plans = st.store().list_plans(&site_id).await?;
     let items = tokens_with_usage(&st, &page.items, &plans).await?;
     Ok(json(
@@ -264,9 +266,8 @@ async fn find_token(st: &AppState, site_id: &str, token_id: &str) -> Result<Toke
     if !ids::is_id(token_id, "tok_") {
         return Err(not_found("token"));
     }
-    st.store()
-        .get_token(site_id, token_id)
-        .await?
+    (st.store().get_token(site_id, token_id).await?)
+        .filter(|t| t.kept_at(now_ms() / 1000))
         .ok_or_else(|| not_found("token"))
 }
 
@@ -350,10 +351,17 @@ pub(super) async fn my_tokens(
     let q = params(q, &["limit", "cursor"])?;
     let limit = parse_limit(&q)?;
     let after = parse_cursor(&q, token_cursor)?;
-    let page = st
-        .store()
-        .list_consumer_tokens_page(&p.sub, limit, after)
-        .await?;
+    let read = |after: Option<String>, size| {
+        let (st, sub) = (&st, &p.sub);
+        async move {
+            let page = (st.store()).list_consumer_tokens_page(sub, size, after.as_deref());
+            Ok::<_, ApiError>(page.await?)
+        }
+    };
+    let now_s = now_ms() / 1000;
+    let keep = |t: &Token| t.kept_at(now_s);
+    let after = after.map(Into::into);
+    let page = filtered_page(read, keep, (limit, limit), after, FILTER_READ_BUDGET).await?;
     // The tokens may be of several sites: read each plan they are on, once.
     let on: std::collections::BTreeSet<(String, String)> = (page.items.iter())
         .map(|t| (t.site_id.clone(), t.plan_id.clone()))
@@ -401,7 +409,7 @@ mod tests {
     async fn a_filtered_list_reads_on_within_its_budget_and_misses_nothing() {
         let all: Vec<Token> = (0..25).map(token).collect();
         let reads = std::cell::Cell::new(0);
-        let store_page = |after: Option<String>| {
+        let store_page = |after: Option<String>, _size| {
             reads.set(reads.get() + 1);
             let rest: Vec<Token> = (all.iter())
                 .filter(|t| after.as_ref().is_none_or(|a| t.token_id > *a))
@@ -421,7 +429,7 @@ mod tests {
             let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
             loop {
                 reads.set(0);
-                let page = filtered_page(store_page, keep, limit, after, 8)
+                let page = filtered_page(store_page, keep, (limit, 4), after, 8)
                     .await
                     .unwrap();
                 assert!(page.items.len() <= limit && reads.get() <= 2);

@@ -1074,22 +1074,59 @@ impl TokenStore for DynamoStore {
         let Some(token) = self.get_token(site_id, token_id).await? else {
             return Ok(None);
         };
-        // The usage item carries the flag the hot path's condition checks.
-        self.client
+        // The usage item carries the flag the hot path's condition checks. It, the
+        // record and the hash item expire (TTL) once past the time a revoked token
+        // is kept; a second revocation changes neither time.
+        let usage = self
+            .client
             .update_item()
             .table_name(&*self.table)
             .set_key(Some(key(format!("TOKEN#{token_id}"), "USAGE")))
-            .update_expression("SET revoked_at = if_not_exists(revoked_at, :now)")
+            .update_expression(
+                "SET revoked_at = if_not_exists(revoked_at, :now), \
+                 #exp = if_not_exists(#exp, :exp)",
+            )
+            .expression_attribute_names("#exp", TTL_ATTRIBUTE)
             .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":exp", n(now + crate::domain::REVOKED_KEPT_SECS))
+            .return_values(ReturnValue::AllNew)
             .send()
             .await
             .map_err(sdk)?;
+        let attrs = usage.attributes.unwrap_or_default();
+        let (Some(revoked_at), Some(expires_at)) =
+            (get_n(&attrs, "revoked_at"), get_n(&attrs, TTL_ATTRIBUTE))
+        else {
+            return Err(StoreError::Corrupt("token usage item".into()));
+        };
         let updated = self
             .update_data::<Token>(key(format!("TOKEN#{token_id}"), "TOKEN"), |t| {
-                t.revoked_at.get_or_insert(now);
-                None
+                t.revoked_at.get_or_insert(revoked_at);
+                Some(expires_at)
             })
             .await?;
+        let expire_hash = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(
+                format!("TOKENHASH#{}", token.token_hash),
+                "TOKENHASH",
+            )))
+            .update_expression("SET #exp = :exp")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#exp", TTL_ATTRIBUTE)
+            .expression_attribute_values(":exp", n(expires_at))
+            .send()
+            .await;
+        match expire_hash {
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+            other => {
+                other.map_err(sdk)?;
+            }
+        }
         Ok(updated.map(|(_, t)| t).or(Some(token)))
     }
 }
@@ -1131,7 +1168,7 @@ impl KeyStore for DynamoStore {
         let updated = self
             .update_data::<ApiKey>(key(format!("KEYHASH#{}", k.key_hash), "KEY"), |k| {
                 // TTL deletes the key once it is past the time it stays listed.
-                Some(*k.revoked_at.get_or_insert(now) + crate::domain::REVOKED_KEY_KEPT_SECS)
+                Some(*k.revoked_at.get_or_insert(now) + crate::domain::REVOKED_KEPT_SECS)
             })
             .await?;
         Ok(updated.map(|(_, k)| k))

@@ -1314,22 +1314,42 @@ const PURGE_BATCH: usize = 1024;
 
 /// One purge transaction's work from a key on: how many records it dropped, and
 /// the key to go on from, if there is more.
-type PurgeBatch = fn(&WriteTransaction, &str, u64, usize) -> Result<(u64, Option<String>)>;
+type PurgeBatch = fn(&WriteTransaction, &str, u64, usize) -> Result<Swept>;
+
+/// What one batch of a purge step did.
+#[derive(Default)]
+struct Swept {
+    /// Audit records dropped.
+    records: u64,
+    /// The key to go on from, if there is more.
+    next: Option<String>,
+    /// Tokens dropped, for the hot state to forget too.
+    tokens: Vec<String>,
+}
 
 impl EmbeddedStore {
     async fn purge(&self, now_s: u64, batch: usize) -> Result<u64> {
-        let steps: [(PurgeBatch, u64); 3] = [
+        // On what the log holds too: usage still in it would bring a purged
+        // token's usage back.
+        self.shared.wal.sync().await?;
+        let steps: [(PurgeBatch, u64); 4] = [
             (purge_audit, audit_kept_since_ms(now_s)),
             (purge_quiet_failed_attempts, now_s * 1000),
             (purge_old_revoked_keys, now_s),
+            (purge_old_revoked_tokens, now_s),
         ];
         let mut purged = 0;
         for (f, before) in steps {
             let mut from = Some(String::new());
             while let Some(at) = from {
                 let started = std::time::Instant::now();
-                let (n, next) = self.write(move |txn| f(txn, &at, before, batch)).await?;
-                (purged, from) = (purged + n, next);
+                let swept = self.write(move |txn| f(txn, &at, before, batch)).await?;
+                (purged, from) = (purged + swept.records, swept.next);
+                // A dropped token is revoked, so nothing of it waits in the log.
+                if !swept.tokens.is_empty() {
+                    let tokens = &mut self.shared.hot.lock().unwrap().tokens;
+                    swept.tokens.iter().for_each(|id| _ = tokens.remove(id));
+                }
                 // Nothing is in a hurry: leave the disk to the log as long again.
                 tokio::time::sleep(started.elapsed()).await;
             }
@@ -1343,12 +1363,7 @@ impl EmbeddedStore {
 /// (a record, or a checkpoint's block) is keyed by its newest record and spans at
 /// most [`AUDIT_BLOCK_SPAN_MS`]; so each site's expired records are in the values
 /// at the start of its key range, and only those are read.
-fn purge_audit(
-    txn: &WriteTransaction,
-    from: &str,
-    kept_since: u64,
-    batch: usize,
-) -> Result<(u64, Option<String>)> {
+fn purge_audit(txn: &WriteTransaction, from: &str, kept_since: u64, batch: usize) -> Result<Swept> {
     let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
     let (mut purged, mut work) = (0, 0);
     let mut changes = Vec::new();
@@ -1397,7 +1412,11 @@ fn purge_audit(
         }
         .map_err(unavailable)?;
     }
-    Ok((purged, next))
+    Ok(Swept {
+        records: purged,
+        next,
+        ..Swept::default()
+    })
 }
 
 /// Drop the failed-attempt counters of clients with none in the minute before
@@ -1408,10 +1427,13 @@ fn purge_quiet_failed_attempts(
     from: &str,
     now_ms: u64,
     batch: usize,
-) -> Result<(u64, Option<String>)> {
+) -> Result<Swept> {
     let quiet = |w: &SlidingWindow| w.used(now_ms) == 0;
     let (_, next) = drop_where(txn, FAILED, from, batch, quiet)?;
-    Ok((0, next))
+    Ok(Swept {
+        next,
+        ..Swept::default()
+    })
 }
 
 /// Drop the API keys revoked longer ago than they are kept
@@ -1422,13 +1444,44 @@ fn purge_old_revoked_keys(
     from: &str,
     now_s: u64,
     batch: usize,
-) -> Result<(u64, Option<String>)> {
+) -> Result<Swept> {
     let (old, next) = drop_where(txn, KEYS, from, batch, |k: &ApiKey| !k.kept_at(now_s))?;
     let mut hashes = txn.open_table(KEY_HASH).map_err(unavailable)?;
     for k in old {
         hashes.remove(k.key_hash.as_str()).map_err(unavailable)?;
     }
-    Ok((0, next))
+    Ok(Swept {
+        next,
+        ..Swept::default()
+    })
+}
+
+/// Drop the tokens revoked longer ago than they are kept ([`Token::kept_at`]), with
+/// their hashes, usage and consumer index entries (the DynamoDB store's expire by
+/// TTL). Not counted as purged records.
+fn purge_old_revoked_tokens(
+    txn: &WriteTransaction,
+    from: &str,
+    now_s: u64,
+    batch: usize,
+) -> Result<Swept> {
+    let (old, next) = drop_where(txn, TOKENS, from, batch, |t: &Token| !t.kept_at(now_s))?;
+    {
+        let mut hashes = txn.open_table(TOKEN_HASH).map_err(unavailable)?;
+        let mut usage = txn.open_table(USAGE).map_err(unavailable)?;
+        for t in &old {
+            hashes.remove(t.token_hash.as_str()).map_err(unavailable)?;
+            usage.remove(t.token_id.as_str()).map_err(unavailable)?;
+        }
+    }
+    for t in &old {
+        index_token(txn, Some(t), None)?;
+    }
+    Ok(Swept {
+        next,
+        tokens: old.into_iter().map(|t| t.token_id).collect(),
+        ..Swept::default()
+    })
 }
 
 /// Of `batch` records of `def` from the key `from` on, drop those `gone` picks: the
