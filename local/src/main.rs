@@ -174,7 +174,6 @@ Health:
             key = demo.api_key,
         );
     }
-    println!("PayFence listening on {base}");
     // Ctrl-C or SIGTERM: stop accepting, let requests in flight finish (within
     // PAYFENCE_SHUTDOWN_GRACE_MS), flush the logs. A second one: close at once.
     let (count, signals) = tokio::sync::watch::channel(0u32);
@@ -209,6 +208,9 @@ Health:
     });
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (shutdown, force) = (nth_signal(1), nth_signal(2));
+    // Only once every signal has its handler: one sent on seeing this line must not
+    // meet the default action, which ends the process.
+    println!("PayFence listening on {base}");
     server::run(listener, local, threads, shutdown, force).await?;
     Ok(())
 }
