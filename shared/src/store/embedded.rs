@@ -1312,49 +1312,107 @@ impl EmbeddedStore {
 /// decisions never wait long behind a purge, however much there is to purge.
 const PURGE_BATCH: usize = 1024;
 
-/// One purge transaction's work from a key on: how many records it dropped, and
-/// the key to go on from, if there is more.
-type PurgeBatch = fn(&WriteTransaction, &str, u64, usize) -> Result<Swept>;
-
-/// What one batch of a purge step did.
-#[derive(Default)]
-struct Swept {
-    /// Audit records dropped.
-    records: u64,
-    /// The key to go on from, if there is more.
-    next: Option<String>,
-    /// Tokens dropped, for the hot state to forget too.
-    tokens: Vec<String>,
-}
-
 impl EmbeddedStore {
     async fn purge(&self, now_s: u64, batch: usize) -> Result<u64> {
         // On what the log holds too: usage still in it would bring a purged
         // token's usage back.
         self.shared.wal.sync().await?;
-        let steps: [(PurgeBatch, u64); 4] = [
-            (purge_audit, audit_kept_since_ms(now_s)),
-            (purge_quiet_failed_attempts, now_s * 1000),
-            (purge_old_revoked_keys, now_s),
-            (purge_old_revoked_tokens, now_s),
-        ];
-        let mut purged = 0;
-        for (f, before) in steps {
-            let mut from = Some(String::new());
-            while let Some(at) = from {
-                let started = std::time::Instant::now();
-                let swept = self.write(move |txn| f(txn, &at, before, batch)).await?;
-                (purged, from) = (purged + swept.records, swept.next);
-                // A dropped token is revoked, so nothing of it waits in the log.
-                if !swept.tokens.is_empty() {
-                    let tokens = &mut self.shared.hot.lock().unwrap().tokens;
-                    swept.tokens.iter().for_each(|id| _ = tokens.remove(id));
+        let (kept_since, mut purged, mut from) =
+            (audit_kept_since_ms(now_s), 0, Some(String::new()));
+        while let Some(at) = from {
+            let started = std::time::Instant::now();
+            let (n, next) = self
+                .write(move |txn| purge_audit(txn, &at, kept_since, batch))
+                .await?;
+            (purged, from) = (purged + n, next);
+            // Nothing is in a hurry: leave the disk to the log as long again.
+            tokio::time::sleep(started.elapsed()).await;
+        }
+        // The failed-attempt counters of clients with none in the last minute: one
+        // exists per client that ever sent a bad token (the DynamoDB store's expire
+        // by TTL).
+        let now_ms = now_s * 1000;
+        let quiet = move |w: &SlidingWindow| w.used(now_ms) == 0;
+        self.drop_old(FAILED, batch, quiet, |_, _| Ok(()), |_| {})
+            .await?;
+        // API keys and tokens revoked longer ago than they are kept, with what they
+        // left in other tables (the DynamoDB store's expire by TTL).
+        let old_key = move |k: &ApiKey| !k.kept_at(now_s);
+        self.drop_old(KEYS, batch, old_key, drop_key_hashes, |_| {})
+            .await?;
+        let old_token = move |t: &Token| !t.kept_at(now_s);
+        // A dropped token is revoked, so nothing of it waits in the log.
+        let forget = |tokens: &[Token]| {
+            let hot = &mut self.shared.hot.lock().unwrap().tokens;
+            tokens.iter().for_each(|t| _ = hot.remove(&t.token_id));
+        };
+        self.drop_old(TOKENS, batch, old_token, drop_token_traces, forget)
+            .await?;
+        Ok(purged)
+    }
+
+    /// Drop the records of `def` that `gone` picks. They are looked for `batch` at a
+    /// time in a snapshot, so the writer is held only for those found, checked again
+    /// and dropped in one write transaction that `also` completes (what they leave in
+    /// other tables); `after` then sees them. Paced as the audit purge is. Only the
+    /// local server's hourly purge uses it.
+    async fn drop_old<T: DeserializeOwned + Send + 'static>(
+        &self,
+        def: Def,
+        batch: usize,
+        gone: impl Fn(&T) -> bool + Clone + Send + Sync + 'static,
+        also: fn(&WriteTransaction, &[T]) -> Result<()>,
+        after: impl Fn(&[T]),
+    ) -> Result<()> {
+        let mut from = String::new();
+        loop {
+            let started = std::time::Instant::now();
+            // Off the runtime: decoding a batch takes about a millisecond.
+            let (db, look) = (self.shared.db.clone(), gone.clone());
+            let scan = move || -> Result<(Vec<String>, Option<String>)> {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let t = txn.open_table(def).map_err(unavailable)?;
+                let (mut found, mut next) = (Vec::new(), None);
+                for (i, row) in t.range(from.as_str()..).map_err(unavailable)?.enumerate() {
+                    let (k, v) = row.map_err(unavailable)?;
+                    if i == batch {
+                        next = Some(k.value().to_owned());
+                        break;
+                    }
+                    if look(&decode(v.value())?) {
+                        found.push(k.value().to_owned());
+                    }
                 }
-                // Nothing is in a hurry: leave the disk to the log as long again.
-                tokio::time::sleep(started.elapsed()).await;
+                Ok((found, next))
+            };
+            let (found, next) = tokio::task::spawn_blocking(scan)
+                .await
+                .map_err(|e| unavailable(format!("purge scan: {e}")))??;
+            if !found.is_empty() {
+                let gone = gone.clone();
+                let dropped = self
+                    .write(move |txn| {
+                        let mut dropped = Vec::with_capacity(found.len());
+                        let mut t = txn.open_table(def).map_err(unavailable)?;
+                        for k in found {
+                            if let Some(record) = get(&t, &k)?.filter(&gone) {
+                                t.remove(k.as_str()).map_err(unavailable)?;
+                                dropped.push(record);
+                            }
+                        }
+                        drop(t);
+                        also(txn, &dropped)?;
+                        Ok(dropped)
+                    })
+                    .await?;
+                after(&dropped);
+            }
+            tokio::time::sleep(started.elapsed()).await;
+            match next {
+                Some(key) => from = key,
+                None => return Ok(()),
             }
         }
-        Ok(purged)
     }
 }
 
@@ -1363,7 +1421,12 @@ impl EmbeddedStore {
 /// (a record, or a checkpoint's block) is keyed by its newest record and spans at
 /// most [`AUDIT_BLOCK_SPAN_MS`]; so each site's expired records are in the values
 /// at the start of its key range, and only those are read.
-fn purge_audit(txn: &WriteTransaction, from: &str, kept_since: u64, batch: usize) -> Result<Swept> {
+fn purge_audit(
+    txn: &WriteTransaction,
+    from: &str,
+    kept_since: u64,
+    batch: usize,
+) -> Result<(u64, Option<String>)> {
     let mut t = txn.open_table(AUDIT).map_err(unavailable)?;
     let (mut purged, mut work) = (0, 0);
     let mut changes = Vec::new();
@@ -1412,104 +1475,32 @@ fn purge_audit(txn: &WriteTransaction, from: &str, kept_since: u64, batch: usize
         }
         .map_err(unavailable)?;
     }
-    Ok(Swept {
-        records: purged,
-        next,
-        ..Swept::default()
-    })
+    Ok((purged, next))
 }
 
-/// Drop the failed-attempt counters of clients with none in the minute before
-/// `now_ms`: one exists per client that ever sent a bad token (the DynamoDB store's
-/// expire by TTL). Not counted as purged records.
-fn purge_quiet_failed_attempts(
-    txn: &WriteTransaction,
-    from: &str,
-    now_ms: u64,
-    batch: usize,
-) -> Result<Swept> {
-    let quiet = |w: &SlidingWindow| w.used(now_ms) == 0;
-    let (_, next) = drop_where(txn, FAILED, from, batch, quiet)?;
-    Ok(Swept {
-        next,
-        ..Swept::default()
-    })
-}
-
-/// Drop the API keys revoked longer ago than they are kept
-/// ([`ApiKey::kept_at`]), with their hashes (the DynamoDB store's expire by TTL).
-/// Not counted as purged records.
-fn purge_old_revoked_keys(
-    txn: &WriteTransaction,
-    from: &str,
-    now_s: u64,
-    batch: usize,
-) -> Result<Swept> {
-    let (old, next) = drop_where(txn, KEYS, from, batch, |k: &ApiKey| !k.kept_at(now_s))?;
+/// What a dropped API key leaves: its hash.
+fn drop_key_hashes(txn: &WriteTransaction, keys: &[ApiKey]) -> Result<()> {
     let mut hashes = txn.open_table(KEY_HASH).map_err(unavailable)?;
-    for k in old {
+    for k in keys {
         hashes.remove(k.key_hash.as_str()).map_err(unavailable)?;
     }
-    Ok(Swept {
-        next,
-        ..Swept::default()
-    })
+    Ok(())
 }
 
-/// Drop the tokens revoked longer ago than they are kept ([`Token::kept_at`]), with
-/// their hashes, usage and consumer index entries (the DynamoDB store's expire by
-/// TTL). Not counted as purged records.
-fn purge_old_revoked_tokens(
-    txn: &WriteTransaction,
-    from: &str,
-    now_s: u64,
-    batch: usize,
-) -> Result<Swept> {
-    let (old, next) = drop_where(txn, TOKENS, from, batch, |t: &Token| !t.kept_at(now_s))?;
+/// What a dropped token leaves: its hash, its usage and its consumer index entry.
+fn drop_token_traces(txn: &WriteTransaction, tokens: &[Token]) -> Result<()> {
     {
         let mut hashes = txn.open_table(TOKEN_HASH).map_err(unavailable)?;
         let mut usage = txn.open_table(USAGE).map_err(unavailable)?;
-        for t in &old {
+        for t in tokens {
             hashes.remove(t.token_hash.as_str()).map_err(unavailable)?;
             usage.remove(t.token_id.as_str()).map_err(unavailable)?;
         }
     }
-    for t in &old {
+    for t in tokens {
         index_token(txn, Some(t), None)?;
     }
-    Ok(Swept {
-        next,
-        tokens: old.into_iter().map(|t| t.token_id).collect(),
-        ..Swept::default()
-    })
-}
-
-/// Of `batch` records of `def` from the key `from` on, drop those `gone` picks: the
-/// dropped records, and the key to go on from, if there is more.
-fn drop_where<T: DeserializeOwned>(
-    txn: &WriteTransaction,
-    def: Def,
-    from: &str,
-    batch: usize,
-    gone: impl Fn(&T) -> bool,
-) -> Result<(Vec<T>, Option<String>)> {
-    let mut t = txn.open_table(def).map_err(unavailable)?;
-    let (mut dropped, mut next) = (Vec::new(), None);
-    for (i, row) in t.range(from..).map_err(unavailable)?.enumerate() {
-        let (k, v) = row.map_err(unavailable)?;
-        if i == batch {
-            next = Some(k.value().to_owned());
-            break;
-        }
-        let record: T = decode(v.value())?;
-        if gone(&record) {
-            dropped.push((k.value().to_owned(), record));
-        }
-    }
-    for (k, _) in &dropped {
-        t.remove(k.as_str()).map_err(unavailable)?;
-    }
-    Ok((dropped.into_iter().map(|(_, r)| r).collect(), next))
+    Ok(())
 }
 
 /// A record waiting to be emitted, ordered by its key.
