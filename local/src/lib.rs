@@ -237,13 +237,13 @@ impl Local {
 
     /// Back the data directory up while serving: a consistent copy of the database
     /// (every decision acknowledged before it began) and the keys, in a new
-    /// directory `backups/<UTC time>` of the data directory, which a server can be
-    /// started on. Its path.
-    pub async fn backup(&self) -> anyhow_like::Result<PathBuf> {
+    /// directory `<UTC time>` of `backups` (by default `backups` in the data
+    /// directory), which a server can be started on. Its path.
+    pub async fn backup(&self, backups: Option<&Path>) -> anyhow_like::Result<PathBuf> {
         let Some(store) = &self.embedded else {
             return Err("the store is DynamoDB: use its point-in-time recovery".into());
         };
-        let backups = self.data_dir.join("backups");
+        let backups = backups.map_or_else(|| self.data_dir.join("backups"), Path::to_path_buf);
         std::fs::create_dir_all(&backups).map_err(|e| format!("{}: {e}", backups.display()))?;
         let name = payfence_core::domain::rfc3339_ms(now_ms()).replace(':', "");
         let dir = backups.join(name);

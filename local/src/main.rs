@@ -198,9 +198,10 @@ Health:
     let local = Arc::new(local);
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let backing_up = local.clone();
+    let backups = payfence_core::config::env_var("PAYFENCE_BACKUP_DIR").map(PathBuf::from);
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
-            match backing_up.backup().await {
+            match backing_up.backup(backups.as_deref()).await {
                 Ok(dir) => tracing::info!(dir = %dir.display(), "backup written"),
                 Err(e) => tracing::error!(error = %e, "backup failed"),
             }

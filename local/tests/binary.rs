@@ -242,12 +242,19 @@ async fn restart_keeps_tokens_and_counts_and_bodies_are_never_kept() {
 /// stopped, and the one it writes on SIGUSR1 while serving, each start a server
 /// elsewhere with everything in it (tokens, this month's counts, audit records, the
 /// sealed signing secret, the JWT key), once the original is gone. A decision made
-/// after the live backup is not in it.
+/// after the live backup is not in it. The live one is written to
+/// `PAYFENCE_BACKUP_DIR` (created if needed), outside the data directory.
 #[tokio::test]
 async fn a_backup_taken_stopped_or_while_serving_restores_everything() {
     for live in [false, true] {
         let original = tempfile::tempdir().unwrap();
-        let mut server = start(original.path());
+        // A live backup goes where PAYFENCE_BACKUP_DIR says.
+        let backups = tempfile::tempdir().unwrap();
+        let mut command = server_command(original.path());
+        if live {
+            command.env("PAYFENCE_BACKUP_DIR", backups.path().join("here"));
+        }
+        let mut server = start_command(command);
         let http = client();
         let jwt = dev_token(original.path(), "alice", "site_owner");
         let (site, token, origin) = provision(&http, &server.base, &jwt).await;
@@ -264,6 +271,8 @@ async fn a_backup_taken_stopped_or_while_serving_restores_everything() {
         let from = if live {
             server.signal("USR1");
             let dir = backup_written(&server).await;
+            assert_eq!(dir.parent(), Some(backups.path().join("here").as_path()));
+            assert!(!original.path().join("backups").exists());
             assert_eq!(call(server.base.clone()).await.status(), 200);
             dir
         } else {
