@@ -1427,23 +1427,26 @@ async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
         .revoke_key(&s.site_id, &revoked.key_id, 7)
         .await
         .unwrap();
+    // An item's `expires_at`, if it has one.
+    let expiry_of = |pk: String, sk: &str| {
+        let get = store
+            .client()
+            .get_item()
+            .table_name(&table)
+            .key("pk", AttributeValue::S(pk))
+            .key("sk", AttributeValue::S(sk.into()))
+            .consistent_read(true)
+            .send();
+        async move {
+            let item = get.await.unwrap().item.unwrap();
+            item.get("expires_at").map(|v| v.as_n().unwrap().clone())
+        }
+    };
     for (k, expiry) in [
         (&active, None),
         (&revoked, Some((7 + REVOKED_KEPT_SECS).to_string())),
     ] {
-        let item = store
-            .client()
-            .get_item()
-            .table_name(&table)
-            .key("pk", AttributeValue::S(format!("KEYHASH#{}", k.key_hash)))
-            .key("sk", AttributeValue::S("KEY".into()))
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap()
-            .item
-            .unwrap();
-        let at = item.get("expires_at").map(|v| v.as_n().unwrap().clone());
+        let at = expiry_of(format!("KEYHASH#{}", k.key_hash), "KEY").await;
         assert_eq!(at, expiry);
     }
     // So does a revoked token: its record, usage and hash items, at the first
@@ -1473,20 +1476,7 @@ async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
             (format!("TOKEN#{}", t.token_id), "USAGE"),
             (format!("TOKENHASH#{}", t.token_hash), "TOKENHASH"),
         ] {
-            let item = store
-                .client()
-                .get_item()
-                .table_name(&table)
-                .key("pk", AttributeValue::S(pk))
-                .key("sk", AttributeValue::S(sk.into()))
-                .consistent_read(true)
-                .send()
-                .await
-                .unwrap()
-                .item
-                .unwrap();
-            let at = item.get("expires_at").map(|v| v.as_n().unwrap().clone());
-            assert_eq!(at, expiry, "{sk}");
+            assert_eq!(expiry_of(pk, sk).await, expiry, "{sk}");
         }
     }
 }
