@@ -548,6 +548,61 @@ async fn quota_exact_under_concurrency_and_events_once(store: Arc<dyn Store>) {
     assert_eq!(second.next_cursor, None);
 }
 
+/// Deleting a site deletes its quota events, and not another site's.
+async fn deleting_a_site_deletes_its_quota_events(store: Arc<dyn Store>) {
+    delete_site_with_events(store, 3).await;
+}
+
+/// As [`deleting_a_site_deletes_its_quota_events`], with more events than one of the
+/// embedded store's delete transactions takes (1,024). (On the DynamoDB test
+/// server 1,000 events, a page of its deletes, take a minute to make.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_deletes_more_quota_events_than_a_transaction_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+    delete_site_with_events(Arc::new(store), 520).await;
+}
+
+/// A site whose `tokens` tokens each made one request on a quota of 1 (so crossed
+/// 80 % and 100 % at once: two events each), beside another site with two events;
+/// deleting the first leaves the second's.
+async fn delete_site_with_events(store: Arc<dyn Store>, tokens: usize) {
+    use futures_util::{stream, StreamExt};
+    let events_of = |site_id: String| {
+        let store = store.clone();
+        async move {
+            let (mut n, mut after) = (0, None::<String>);
+            loop {
+                let cursor = after.as_deref().map(|c| parse_event_cursor(c).unwrap());
+                let page = store.list_events(&site_id, 1000, cursor).await.unwrap();
+                n += page.items.len();
+                match page.next_cursor {
+                    Some(c) => after = Some(c),
+                    None => return n,
+                }
+            }
+        }
+    };
+    let (s, p, _) = setup(&store, 60, 1).await;
+    let (other, other_plan, other_token) = setup(&store, 60, 1).await;
+    let req = count_req(&other, &other_token, &other_plan, NOW);
+    assert!(allowed(&count(&store, req).await));
+    stream::iter(0..tokens)
+        .for_each_concurrent(16, |_| {
+            let (store, t) = (store.clone(), token(&s.site_id, &p.plan_id, None));
+            let req = count_req(&s, &t, &p, NOW);
+            async move {
+                store.create_token(&t).await.unwrap();
+                assert!(allowed(&count(&store, req).await));
+            }
+        })
+        .await;
+    assert_eq!(events_of(s.site_id.clone()).await, 2 * tokens);
+    assert!(store.delete_site(&s.site_id).await.unwrap());
+    assert_eq!(events_of(s.site_id.clone()).await, 0);
+    assert_eq!(events_of(other.site_id.clone()).await, 2);
+}
+
 async fn revocation_and_missing_tokens(store: Arc<dyn Store>) {
     let (s, p, t) = setup(&store, 60, 1000).await;
     assert!(allowed(&count(&store, count_req(&s, &t, &p, NOW)).await));
@@ -1071,6 +1126,7 @@ conformance!(
     tokens_and_keys,
     rate_limit_exact_under_concurrency,
     quota_exact_under_concurrency_and_events_once,
+    deleting_a_site_deletes_its_quota_events,
     revocation_and_missing_tokens,
     token_updates,
     key_updates,

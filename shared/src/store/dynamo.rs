@@ -376,6 +376,39 @@ impl DynamoStore {
         Ok(old.attributes.is_some_and(|a| !a.is_empty()))
     }
 
+    /// Delete the items of `keys` with `BatchWriteItem`, 25 a call; those DynamoDB
+    /// leaves unprocessed (throttling) are sent again, with backoff, a few times.
+    async fn delete_all(&self, keys: Vec<Item>) -> Result<()> {
+        use aws_sdk_dynamodb::types::DeleteRequest;
+        for chunk in keys.chunks(25) {
+            let mut requests = Vec::with_capacity(chunk.len());
+            for k in chunk {
+                let delete = DeleteRequest::builder().set_key(Some(k.clone()));
+                let delete = delete.build().map_err(unavailable)?;
+                requests.push(WriteRequest::builder().delete_request(delete).build());
+            }
+            let mut backoff = Duration::from_millis(20);
+            for attempt in 0.. {
+                let out = (self.client.batch_write_item())
+                    .request_items(&*self.table, requests)
+                    .send()
+                    .await
+                    .map_err(sdk)?;
+                requests = (out.unprocessed_items)
+                    .and_then(|mut m| m.remove(&*self.table))
+                    .unwrap_or_default();
+                if requests.is_empty() {
+                    break;
+                }
+                if attempt == 4 {
+                    return Err(unavailable("deletes left unprocessed (throttled)"));
+                }
+                back_off(&mut backoff).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Put `item` if `condition` holds (`:read` bound to `read`, when given);
     /// `refused` otherwise.
     async fn put_if(
@@ -840,7 +873,29 @@ impl SiteStore for DynamoStore {
             .await
     }
     async fn delete_site(&self, site_id: &str) -> Result<bool> {
-        self.delete(key(format!("SITE#{site_id}"), "SITE")).await
+        // What only the site holds goes first, so a failure leaves the site for a
+        // retry: its quota events, a page at a time (its counters expire by TTL).
+        let pk = format!("SITE#{site_id}");
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":p", s("EVENT#"))
+                .projection_expression("pk, sk")
+                .consistent_read(true)
+                .limit(1000)
+                .send()
+                .await
+                .map_err(sdk)?;
+            match page.items {
+                Some(keys) if !keys.is_empty() => self.delete_all(keys).await?,
+                _ => break,
+            }
+        }
+        self.delete(key(pk, "SITE")).await
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)

@@ -804,6 +804,42 @@ impl SiteStore for EmbeddedStore {
         .await
     }
     async fn delete_site(&self, site_id: &str) -> Result<bool> {
+        // What only the site holds goes first, so a failure leaves the site for a
+        // retry: its quota events (a thousand a transaction, as the purge drops
+        // records) and its rate window, once the log has put its last ones in.
+        self.shared.wal.sync().await?;
+        let prefix = format!("{site_id}/");
+        loop {
+            let prefix = prefix.clone();
+            let more = self
+                .write(move |txn| {
+                    let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
+                    let mut keys = Vec::new();
+                    for row in events.range(prefix.as_str()..).map_err(unavailable)? {
+                        let k = row.map_err(unavailable)?.0.value().to_owned();
+                        if !k.starts_with(&prefix) || keys.len() == PURGE_BATCH {
+                            break;
+                        }
+                        keys.push(k);
+                    }
+                    for k in &keys {
+                        events.remove(k.as_str()).map_err(unavailable)?;
+                    }
+                    Ok(keys.len() == PURGE_BATCH)
+                })
+                .await?;
+            if !more {
+                break;
+            }
+        }
+        let id = site_id.to_owned();
+        self.write(move |txn| {
+            let mut usage = txn.open_table(SITE_USAGE).map_err(unavailable)?;
+            usage.remove(id.as_str()).map_err(unavailable)?;
+            Ok(())
+        })
+        .await?;
+        self.shared.hot.lock().unwrap().sites.remove(site_id);
         self.remove(SITES, site_id.to_owned(), index_site).await
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {

@@ -116,8 +116,9 @@ pub trait SiteStore: Send + Sync {
     /// otherwise `Changed` (another update came first: read it again). So concurrent
     /// updates (a rotation and a settings change) cannot undo each other.
     async fn update_site(&self, site: &Site) -> Result<()>;
-    /// Delete the site record; `false` if there was none. (Its tokens, keys and
-    /// plans are the caller's to revoke or delete first.)
+    /// Delete the site record and its quota events, the events first (so a failure
+    /// leaves the site for a retry); `false` if there was no site record. (Its
+    /// tokens, keys and plans are the caller's to revoke or delete first.)
     async fn delete_site(&self, site_id: &str) -> Result<bool>;
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>>;
     /// A page of the owner's sites (every site for `None`), in site-id order, from
