@@ -806,12 +806,13 @@ impl SiteStore for EmbeddedStore {
     async fn delete_site(&self, site_id: &str) -> Result<bool> {
         // What only the site holds goes first, so a failure leaves the site for a
         // retry: its quota events (a thousand a transaction, as the purge drops
-        // records) and its rate window, once the log has put its last ones in.
+        // records), then its rate window, once the log has put its last ones in.
         self.shared.wal.sync().await?;
-        let prefix = format!("{site_id}/");
-        loop {
-            let prefix = prefix.clone();
-            let more = self
+        let (id, prefix) = (site_id.to_owned(), format!("{site_id}/"));
+        let mut all_gone = false;
+        while !all_gone {
+            let (id, prefix) = (id.clone(), prefix.clone());
+            all_gone = self
                 .write(move |txn| {
                     let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
                     let mut keys = Vec::new();
@@ -825,20 +826,15 @@ impl SiteStore for EmbeddedStore {
                     for k in &keys {
                         events.remove(k.as_str()).map_err(unavailable)?;
                     }
-                    Ok(keys.len() == PURGE_BATCH)
+                    let all_gone = keys.len() < PURGE_BATCH;
+                    if all_gone {
+                        let mut usage = txn.open_table(SITE_USAGE).map_err(unavailable)?;
+                        usage.remove(id.as_str()).map_err(unavailable)?;
+                    }
+                    Ok(all_gone)
                 })
                 .await?;
-            if !more {
-                break;
-            }
         }
-        let id = site_id.to_owned();
-        self.write(move |txn| {
-            let mut usage = txn.open_table(SITE_USAGE).map_err(unavailable)?;
-            usage.remove(id.as_str()).map_err(unavailable)?;
-            Ok(())
-        })
-        .await?;
         self.shared.hot.lock().unwrap().sites.remove(site_id);
         self.remove(SITES, site_id.to_owned(), index_site).await
     }
