@@ -109,6 +109,17 @@ pub mod anyhow_like {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// Create `dir` and any missing parent, each new one open to its owner only (mode
+/// 0700, as `~/.ssh`): a data directory holds the database and the keys. One that
+/// exists keeps its mode.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 /// A secret file of the data directory (the sealing key, the JWT key): its bytes,
 /// or `None` if it does not exist yet. One that other users may read or write is
 /// refused, as ssh refuses such a private key.
@@ -187,7 +198,7 @@ impl Local {
     /// Open (creating if needed) the data directory: embedded store, sealing key,
     /// JWT key.
     pub fn open(data_dir: &Path, config: Config) -> anyhow_like::Result<Self> {
-        std::fs::create_dir_all(data_dir)
+        create_private_dir(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
         let store = EmbeddedStore::open(&data_dir.join("payfence.redb"))?;
         let mut local = Self::open_with_store(data_dir, config, Arc::new(store.clone()))?;
@@ -217,7 +228,7 @@ impl Local {
         config: Config,
         store: Arc<dyn Store>,
     ) -> anyhow_like::Result<Self> {
-        std::fs::create_dir_all(data_dir)
+        create_private_dir(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
         let key = load_or_create_sealing_key(data_dir)?;
         let issuer = Arc::new(Issuer::load_or_create(data_dir)?);
@@ -244,10 +255,15 @@ impl Local {
             return Err("the store is DynamoDB: use its point-in-time recovery".into());
         };
         let backups = backups.map_or_else(|| self.data_dir.join("backups"), Path::to_path_buf);
-        std::fs::create_dir_all(&backups).map_err(|e| format!("{}: {e}", backups.display()))?;
+        create_private_dir(&backups).map_err(|e| format!("{}: {e}", backups.display()))?;
         let name = payfence_core::domain::rfc3339_ms(now_ms()).replace(':', "");
         let dir = backups.join(name);
-        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let written = async {
             store.backup(&dir.join("payfence.redb")).await?;
             for key in ["sealing.key", "jwt-signing-key.pem"] {

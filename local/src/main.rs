@@ -100,7 +100,7 @@ fn main() -> ExitCode {
         ttl,
     }) = cli.command
     {
-        if let Err(e) = std::fs::create_dir_all(&data_dir) {
+        if let Err(e) = payfence_local::create_private_dir(&data_dir) {
             eprintln!("error: --data-dir {}: {e}", data_dir.display());
             return ExitCode::FAILURE;
         }

@@ -341,6 +341,52 @@ async fn a_failed_backup_leaves_nothing_behind_and_the_server_serves_on() {
     assert_eq!(health.status(), 200);
 }
 
+/// A data directory the server creates (parents too), and each backup it writes,
+/// are open to their owner only: directories 0700, the database, its log and the
+/// keys 0600, whatever the umask. (`dev-token` on a new directory does the same.)
+#[tokio::test]
+async fn the_data_directory_and_its_backups_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        format!(
+            "{:o}",
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        )
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (dir, backups) = (root.path().join("a/data"), root.path().join("b/backups"));
+    let mut command = server_command(&dir);
+    command.env("PAYFENCE_BACKUP_DIR", &backups);
+    let server = start_command(command);
+    server.signal("USR1");
+    let backup = backup_written(&server).await;
+    for d in [
+        root.path().join("a"),
+        dir.clone(),
+        root.path().join("b"),
+        backups,
+        backup.clone(),
+    ] {
+        assert_eq!(mode(&d), "700", "{}", d.display());
+    }
+    let files = [
+        "payfence.redb",
+        "payfence.wal0",
+        "payfence.wal1",
+        "sealing.key",
+        "jwt-signing-key.pem",
+    ];
+    for f in files {
+        assert_eq!(mode(&dir.join(f)), "600", "{f}");
+    }
+    for f in ["payfence.redb", "sealing.key", "jwt-signing-key.pem"] {
+        assert_eq!(mode(&backup.join(f)), "600", "backup {f}");
+    }
+    let other = root.path().join("c/data");
+    dev_token(&other, "alice", "site_owner");
+    assert_eq!(mode(&other), "700");
+}
+
 /// Wait (up to 30 s) for the server's "backup written" log line: the backup's
 /// directory.
 async fn backup_written(server: &Server) -> std::path::PathBuf {

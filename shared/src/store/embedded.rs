@@ -422,7 +422,22 @@ impl Drop for Shared {
 /// Open (or create) the database file, telling apart a file another process holds
 /// and a damaged one. redb asserts some of its file's invariants when it opens it (a
 /// truncated file fails one): that panic is a damaged file too.
+/// Create an empty database file at `path`, unless one is there, that only its
+/// owner may read or write (mode 0600; redb initializes an empty file).
+fn create_private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = (std::fs::File::options().write(true).create_new(true))
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(unavailable(format!("{}: {e}", path.display()))),
+    }
+}
+
 fn open_database(path: &Path) -> Result<redb::Database> {
+    create_private_file(path)?;
     let opened = std::panic::catch_unwind(|| {
         redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
@@ -520,6 +535,7 @@ impl EmbeddedStore {
                     return Err(StoreError::Conflict(p.display().to_string()));
                 }
             }
+            create_private_file(&partial)?;
             let copy = Database::create(&partial).map_err(unavailable)?;
             for def in ALL {
                 let from = snapshot.open_table(def).map_err(unavailable)?;

@@ -20,7 +20,7 @@
 //! value len u32 | value`.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -213,6 +213,7 @@ pub(super) fn open_files(db_path: &Path, next_gen: u64) -> Result<([File; 2], Ve
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
