@@ -230,6 +230,18 @@ impl Local {
     ) -> anyhow_like::Result<Self> {
         create_private_dir(data_dir)
             .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(data_dir) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    dir = %data_dir.display(),
+                    mode = format!("{mode:03o}"),
+                    "the data directory is open to other users, who may read its database: run chmod 700 on it"
+                );
+            }
+        }
         let key = load_or_create_sealing_key(data_dir)?;
         let issuer = Arc::new(Issuer::load_or_create(data_dir)?);
         let state = AppState::new(

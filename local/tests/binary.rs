@@ -327,7 +327,7 @@ async fn a_failed_backup_leaves_nothing_behind_and_the_server_serves_on() {
     let server = start(dir.path());
     std::fs::remove_file(dir.path().join("jwt-signing-key.pem")).unwrap();
     server.signal("USR1");
-    let line = backup_log_line(&server, "backup failed").await;
+    let line = log_line(&server, "backup failed").await;
     assert!(line.contains("jwt-signing-key.pem is missing"), "{line}");
     let left: Vec<_> = std::fs::read_dir(dir.path().join("backups"))
         .unwrap()
@@ -343,7 +343,8 @@ async fn a_failed_backup_leaves_nothing_behind_and_the_server_serves_on() {
 
 /// A data directory the server creates (parents too), and each backup it writes,
 /// are open to their owner only: directories 0700, the database, its log and the
-/// keys 0600, whatever the umask. (`dev-token` on a new directory does the same.)
+/// keys 0600, whatever the umask. (`dev-token` on a new directory does the same.) An
+/// existing directory that others may enter is used as it is, with a warning.
 #[tokio::test]
 async fn the_data_directory_and_its_backups_are_private_to_their_owner() {
     use std::os::unix::fs::PermissionsExt;
@@ -385,18 +386,23 @@ async fn the_data_directory_and_its_backups_are_private_to_their_owner() {
     let other = root.path().join("c/data");
     dev_token(&other, "alice", "site_owner");
     assert_eq!(mode(&other), "700");
+    // One made open to others is used, with a warning.
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = start(&other);
+    let line = log_line(&server, "the data directory is open to other users").await;
+    assert!(line.contains("\"mode\":\"755\""), "{line}");
 }
 
 /// Wait (up to 30 s) for the server's "backup written" log line: the backup's
 /// directory.
 async fn backup_written(server: &Server) -> std::path::PathBuf {
-    let line = backup_log_line(server, "backup written").await;
+    let line = log_line(server, "backup written").await;
     let v: Value = serde_json::from_str(&line).unwrap();
     v["dir"].as_str().unwrap_or_else(|| panic!("{line}")).into()
 }
 
 /// Wait (up to 30 s) for a log line holding `message`.
-async fn backup_log_line(server: &Server, message: &str) -> String {
+async fn log_line(server: &Server, message: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let logs = server.stderr.lock().unwrap().clone();
