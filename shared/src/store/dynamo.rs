@@ -1154,34 +1154,35 @@ impl TokenStore for DynamoStore {
         else {
             return Err(StoreError::Corrupt("token usage item".into()));
         };
-        let updated = self
-            .update_data::<Token>(key(format!("TOKEN#{token_id}"), "TOKEN"), |t| {
-                t.revoked_at.get_or_insert(revoked_at);
-                Some(expires_at)
-            })
-            .await?;
-        let expire_hash = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .set_key(Some(key(
-                format!("TOKENHASH#{}", token.token_hash),
-                "TOKENHASH",
-            )))
-            .update_expression("SET #exp = :exp")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_names("#exp", TTL_ATTRIBUTE)
-            .expression_attribute_values(":exp", n(expires_at))
-            .send()
-            .await;
-        match expire_hash {
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
-            other => {
-                other.map_err(sdk)?;
+        // The record and the hash item at once: neither waits on the other.
+        let record = self.update_data::<Token>(key(format!("TOKEN#{token_id}"), "TOKEN"), |t| {
+            t.revoked_at.get_or_insert(revoked_at);
+            Some(expires_at)
+        });
+        let hash = async {
+            let expire = (self.client.update_item())
+                .table_name(&*self.table)
+                .set_key(Some(key(
+                    format!("TOKENHASH#{}", token.token_hash),
+                    "TOKENHASH",
+                )))
+                .update_expression("SET #exp = :exp")
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#exp", TTL_ATTRIBUTE)
+                .expression_attribute_values(":exp", n(expires_at))
+                .send()
+                .await;
+            match expire {
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+                {
+                    Ok(())
+                }
+                other => other.map(drop).map_err(sdk),
             }
-        }
+        };
+        let (updated, ()) = tokio::try_join!(record, hash)?;
         Ok(updated.map(|(_, t)| t).or(Some(token)))
     }
 }
