@@ -1707,6 +1707,59 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
 
+    /// Deleting a site drops its rate window, from the database and from memory, and
+    /// not another site's.
+    #[tokio::test]
+    async fn deleting_a_site_drops_its_rate_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
+        let key = crate::seal::SealingKey::from_bytes(&[9; 32]);
+        let sites: Vec<Site> = (0..2)
+            .map(|_| Site::new("alice", "s", "https://api.example.com", &key, 1).0)
+            .collect();
+        let now = crate::domain::now_ms();
+        for site in &sites {
+            store.create_site(site).await.unwrap();
+            let token_id = crate::ids::token_id();
+            store
+                .create_token(&Token {
+                    token_id: token_id.clone(),
+                    site_id: site.site_id.clone(),
+                    plan_id: "plan_0000000000000000".into(),
+                    token_hash: crate::ids::hash_secret(&crate::ids::consumer_token()),
+                    label: None,
+                    consumer: None,
+                    created_at: 1,
+                    revoked_at: None,
+                })
+                .await
+                .unwrap();
+            let counting = store.count_request(CountRequest {
+                site_id: site.site_id.clone(),
+                token_id,
+                plan_name: "pro".into(),
+                limits: limits::PlanLimits {
+                    requests_per_minute: 60,
+                    monthly_quota: 100,
+                },
+                site_requests_per_second: 10,
+                now_ms: now,
+                audit: crate::domain::test_record(&site.site_id, now, "/"),
+            });
+            counting.await.unwrap().durable.await.unwrap();
+        }
+        assert!(store.delete_site(&sites[0].site_id).await.unwrap());
+        store.shared.wal.sync().await.unwrap();
+        let window = |id: &str| {
+            (store.read_table(SITE_USAGE, |t| get::<SecondWindow>(t, id)))
+                .unwrap()
+                .is_some()
+        };
+        let hot = |id: &str| store.shared.hot.lock().unwrap().sites.contains_key(id);
+        assert!(!window(&sites[0].site_id) && !hot(&sites[0].site_id));
+        assert!(window(&sites[1].site_id) && hot(&sites[1].site_id));
+    }
+
     /// A logs query that reads only `budget` records a call still returns every
     /// match once, newest first, over more pages (some of them empty).
     #[tokio::test]
