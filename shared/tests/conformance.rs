@@ -554,8 +554,9 @@ async fn deleting_a_site_deletes_its_quota_events(store: Arc<dyn Store>) {
 }
 
 /// As [`deleting_a_site_deletes_its_quota_events`], with more events than one of the
-/// embedded store's delete transactions takes (1,024). (On the DynamoDB test
-/// server 1,000 events, a page of its deletes, take a minute to make.)
+/// embedded store's delete transactions takes (1,024). (The DynamoDB store's
+/// pages of deletes are tested in its own module, on events written directly:
+/// made by requests, 1,000 take its test server a minute.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_deletes_more_quota_events_than_a_transaction_takes() {
     let dir = tempfile::tempdir().unwrap();

@@ -1611,19 +1611,27 @@ mod tests {
     /// A logs query that reads only a few records a shard still returns every match
     /// once, newest first, over more pages (some of them empty). Needs the test
     /// server (`scripts/test.sh`).
-    #[tokio::test]
-    async fn a_query_past_its_read_budget_goes_on_where_it_stopped() {
+    /// A store on a new table of the test server, or `None` (outside CI) without one.
+    async fn test_store() -> Option<DynamoStore> {
         let Some(endpoint) = std::env::var("PAYFENCE_TEST_DYNAMODB")
             .ok()
             .filter(|e| !e.is_empty())
         else {
             assert!(std::env::var_os("CI").is_none(), "run scripts/test.sh");
             eprintln!("SKIPPED: no DynamoDB test server (run scripts/test.sh)");
-            return;
+            return None;
         };
-        let table = format!("budget-{}", hex::encode(crate::ids::random_bytes::<6>()));
+        let table = format!("test-{}", hex::encode(crate::ids::random_bytes::<6>()));
         let store = DynamoStore::connect(&table, Some(&endpoint)).await;
         store.ensure_table().await.unwrap();
+        Some(store)
+    }
+
+    #[tokio::test]
+    async fn a_query_past_its_read_budget_goes_on_where_it_stopped() {
+        let Some(store) = test_store().await else {
+            return;
+        };
         let t0 = 1_795_000_020_000;
         for i in 0..80u64 {
             let ts_ms = t0 + i * 10;
@@ -1662,5 +1670,75 @@ mod tests {
                 "budget {budget}: {pages} pages"
             );
         }
+    }
+
+    /// Deleting a site deletes its quota events past the first page of the keys
+    /// query (1,000 keys), and leaves another site's. The events are written
+    /// directly, 25 a call: made by requests, 1,000 take the test server a minute.
+    #[tokio::test]
+    async fn deleting_a_site_deletes_every_page_of_its_quota_events() {
+        use aws_sdk_dynamodb::types::PutRequest;
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let key_ = crate::seal::SealingKey::from_bytes(&[9; 32]);
+        let [gone, kept] = ["o1", "o2"].map(|o| Site::new(o, "s", "https://a.example", &key_, 1).0);
+        let event = |site: &Site, i: usize| {
+            let e = QuotaEvent {
+                event_id: format!("evt_{i}_{}", site.site_id),
+                site_id: site.site_id.clone(),
+                token_id: crate::ids::token_id(),
+                plan: "pro".into(),
+                kind: QuotaEventKind::Warning,
+                used: 80,
+                quota: 100,
+                period: 202611,
+                created_at: 1,
+                status: "pending".into(),
+            };
+            let sk = format!("EVENT#{}#{}#warning", e.token_id, e.period);
+            with_data(key(format!("SITE#{}", site.site_id), sk), &e)
+        };
+        let events = (0..2_030)
+            .map(|i| event(&gone, i))
+            .chain((0..3).map(|i| event(&kept, i)));
+        let events: Vec<Item> = events.collect();
+        for chunk in events.chunks(25) {
+            let puts = chunk.iter().map(|item| {
+                let put = PutRequest::builder().set_item(Some(item.clone()));
+                WriteRequest::builder()
+                    .put_request(put.build().unwrap())
+                    .build()
+            });
+            let out = (store.client.batch_write_item())
+                .request_items(&*store.table, puts.collect())
+                .send()
+                .await
+                .unwrap();
+            assert!(out.unprocessed_items.unwrap_or_default().is_empty());
+        }
+        for site in [&gone, &kept] {
+            store.create_site(site).await.unwrap();
+        }
+        let count = |site_id: String| {
+            let store = &store;
+            async move {
+                let (mut n, mut after) = (0, None::<String>);
+                loop {
+                    let cursor = after.as_deref().map(|c| parse_event_cursor(c).unwrap());
+                    let page = store.list_events(&site_id, 1000, cursor).await.unwrap();
+                    n += page.items.len();
+                    match page.next_cursor {
+                        Some(c) => after = Some(c),
+                        None => return n,
+                    }
+                }
+            }
+        };
+        assert_eq!(count(gone.site_id.clone()).await, 2_030);
+        assert!(store.delete_site(&gone.site_id).await.unwrap());
+        assert_eq!(count(gone.site_id.clone()).await, 0);
+        assert_eq!(count(kept.site_id.clone()).await, 3);
+        assert!(store.get_site(&kept.site_id).await.unwrap().is_some());
     }
 }
