@@ -89,6 +89,9 @@ const QUERY_KEYS: &[&str] = &[
     "path_prefix",
     "mode",
     "format",
+    "plan_id",
+    "status",
+    "consumer",
     "x",
 ];
 
@@ -112,6 +115,9 @@ const QUERY_VALUES: &[&str] = &[
     "middleware",
     "csv",
     "json",
+    "active",
+    "revoked",
+    "plan_0000000000000000",
     "2026-01-01T00:00:00Z",
     "2026-13-45T99:00:00Z",
     "1700000000",
