@@ -98,6 +98,14 @@ fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
     HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
 }
 
+/// The key of a site's quota event: one per token, month (`yyyymm`) and kind.
+fn event_key(site_id: &str, token_id: &str, period: u32, kind: &str) -> Item {
+    key(
+        format!("SITE#{site_id}"),
+        format!("EVENT#{token_id}#{period}#{kind}"),
+    )
+}
+
 /// The sliding window held in an item's `m_{minute}` counters, at `minute`.
 fn window_from(item: &Item, minute: u64) -> SlidingWindow {
     SlidingWindow {
@@ -755,15 +763,9 @@ impl DynamoStore {
 
     async fn record_events(&self, req: &CountRequest, eval: &limits::Evaluation) -> Result<()> {
         for kind in &eval.events {
-            let kind_s = kind.as_str();
             let event = req.quota_event(eval, *kind);
-            let item = with_data(
-                key(
-                    format!("SITE#{}", req.site_id),
-                    format!("EVENT#{}#{}#{kind_s}", req.token_id, event.period),
-                ),
-                &event,
-            );
+            let at = event_key(&req.site_id, &req.token_id, event.period, kind.as_str());
+            let item = with_data(at, &event);
             match self.put_new(item, "event").await {
                 Ok(()) | Err(StoreError::Conflict(_)) => {}
                 Err(e) => return Err(e),
@@ -1531,12 +1533,7 @@ impl EventStore for DynamoStore {
             .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
             .expression_attribute_values(":pk", s(format!("SITE#{site_id}")))
             .expression_attribute_values(":p", s("EVENT#"));
-        let start = after.map(|(token, period, kind)| {
-            key(
-                format!("SITE#{site_id}"),
-                format!("EVENT#{token}#{period}#{kind}"),
-            )
-        });
+        let start = after.map(|(token, period, kind)| event_key(site_id, token, period, kind));
         let items = self.query_up_to(q, limit + 1, start).await?;
         Ok(page_of(items, limit, event_cursor))
     }
@@ -1608,10 +1605,8 @@ impl Store for DynamoStore {
 mod tests {
     use super::*;
 
-    /// A logs query that reads only a few records a shard still returns every match
-    /// once, newest first, over more pages (some of them empty). Needs the test
-    /// server (`scripts/test.sh`).
-    /// A store on a new table of the test server, or `None` (outside CI) without one.
+    /// A store on a new table of the test server (`scripts/test.sh`), or `None`
+    /// (outside CI) without one.
     async fn test_store() -> Option<DynamoStore> {
         let Some(endpoint) = std::env::var("PAYFENCE_TEST_DYNAMODB")
             .ok()
@@ -1627,6 +1622,8 @@ mod tests {
         Some(store)
     }
 
+    /// A logs query that reads only a few records a shard still returns every match
+    /// once, newest first, over more pages (some of them empty).
     #[tokio::test]
     async fn a_query_past_its_read_budget_goes_on_where_it_stopped() {
         let Some(store) = test_store().await else {
@@ -1681,8 +1678,9 @@ mod tests {
         let Some(store) = test_store().await else {
             return;
         };
-        let key_ = crate::seal::SealingKey::from_bytes(&[9; 32]);
-        let [gone, kept] = ["o1", "o2"].map(|o| Site::new(o, "s", "https://a.example", &key_, 1).0);
+        let sealing = crate::seal::SealingKey::from_bytes(&[9; 32]);
+        let [gone, kept] =
+            ["o1", "o2"].map(|o| Site::new(o, "s", "https://a.example", &sealing, 1).0);
         let event = |site: &Site, i: usize| {
             let e = QuotaEvent {
                 event_id: format!("evt_{i}_{}", site.site_id),
@@ -1696,8 +1694,8 @@ mod tests {
                 created_at: 1,
                 status: "pending".into(),
             };
-            let sk = format!("EVENT#{}#{}#warning", e.token_id, e.period);
-            with_data(key(format!("SITE#{}", site.site_id), sk), &e)
+            let at = event_key(&e.site_id, &e.token_id, e.period, e.kind.as_str());
+            with_data(at, &e)
         };
         let events = (0..2_030)
             .map(|i| event(&gone, i))
