@@ -109,15 +109,19 @@ pub mod anyhow_like {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 }
 
-/// Create `dir` and any missing parent, each new one open to its owner only (mode
-/// 0700, as `~/.ssh`): a data directory holds the database and the keys. One that
-/// exists keeps its mode.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// A builder of directories open to their owner only (mode 0700, as `~/.ssh`): a
+/// data directory holds the database and the keys.
+fn private_dirs() -> std::fs::DirBuilder {
     let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
+    builder
+}
+
+/// Create `dir` and any missing parent, each new one open to its owner only. One
+/// that exists keeps its mode.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    private_dirs().recursive(true).create(dir)
 }
 
 /// A secret file of the data directory (the sealing key, the JWT key): its bytes,
@@ -270,10 +274,8 @@ impl Local {
         create_private_dir(&backups).map_err(|e| format!("{}: {e}", backups.display()))?;
         let name = payfence_core::domain::rfc3339_ms(now_ms()).replace(':', "");
         let dir = backups.join(name);
-        let mut builder = std::fs::DirBuilder::new();
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
+        // A new directory: two backups never share one.
+        private_dirs()
             .create(&dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         let written = async {

@@ -179,8 +179,9 @@ pub(super) async fn update_site(
 }
 
 /// Delete a site: revoke its tokens and API keys, delete its plans, then the site
-/// itself with its quota events; in that order, so a failure part-way leaves the site in place, with what
-/// was revoked so far, for a retry. Its audit records stay until they expire.
+/// itself with its quota events; in that order, so a failure part-way leaves the
+/// site in place, with what was revoked so far, for a retry. Its audit records stay
+/// until they expire.
 pub(super) async fn delete_site(
     State(st): State<AppState>,
     Extension(p): P,

@@ -384,6 +384,15 @@ impl DynamoStore {
         Ok(old.attributes.is_some_and(|a| !a.is_empty()))
     }
 
+    /// A query of the site's quota events, in key order ([`event_key`]).
+    fn events_query(&self, site_id: &str) -> QueryFluentBuilder {
+        (self.client.query())
+            .table_name(&*self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+            .expression_attribute_values(":pk", s(format!("SITE#{site_id}")))
+            .expression_attribute_values(":p", s("EVENT#"))
+    }
+
     /// Delete the items of `keys` with `BatchWriteItem`, 25 a call; those DynamoDB
     /// leaves unprocessed (throttling) are sent again, with backoff, a few times.
     async fn delete_all(&self, keys: Vec<Item>) -> Result<()> {
@@ -877,15 +886,9 @@ impl SiteStore for DynamoStore {
     async fn delete_site(&self, site_id: &str) -> Result<bool> {
         // What only the site holds goes first, so a failure leaves the site for a
         // retry: its quota events, a page at a time (its counters expire by TTL).
-        let pk = format!("SITE#{site_id}");
         loop {
             let page = self
-                .client
-                .query()
-                .table_name(&*self.table)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
-                .expression_attribute_values(":pk", s(&pk))
-                .expression_attribute_values(":p", s("EVENT#"))
+                .events_query(site_id)
                 .projection_expression("pk, sk")
                 .consistent_read(true)
                 .limit(1000)
@@ -897,7 +900,7 @@ impl SiteStore for DynamoStore {
                 _ => break,
             }
         }
-        self.delete(key(pk, "SITE")).await
+        self.delete(key(format!("SITE#{site_id}"), "SITE")).await
     }
     async fn get_site(&self, site_id: &str) -> Result<Option<Site>> {
         self.get_item(key(format!("SITE#{site_id}"), "SITE"), true)
@@ -1526,15 +1529,8 @@ impl EventStore for DynamoStore {
         limit: usize,
         after: Option<(&str, u32, &str)>,
     ) -> Result<Page<QuotaEvent>> {
-        let q = self
-            .client
-            .query()
-            .table_name(&*self.table)
-            .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
-            .expression_attribute_values(":pk", s(format!("SITE#{site_id}")))
-            .expression_attribute_values(":p", s("EVENT#"));
         let start = after.map(|(token, period, kind)| event_key(site_id, token, period, kind));
-        let items = self.query_up_to(q, limit + 1, start).await?;
+        let items = (self.query_up_to(self.events_query(site_id), limit + 1, start)).await?;
         Ok(page_of(items, limit, event_cursor))
     }
 }

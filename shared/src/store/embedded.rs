@@ -419,9 +419,6 @@ impl Drop for Shared {
     }
 }
 
-/// Open (or create) the database file, telling apart a file another process holds
-/// and a damaged one. redb asserts some of its file's invariants when it opens it (a
-/// truncated file fails one): that panic is a damaged file too.
 /// Create an empty database file at `path`, unless one is there, that only its
 /// owner may read or write (mode 0600; redb initializes an empty file).
 fn create_private_file(path: &Path) -> Result<()> {
@@ -436,6 +433,9 @@ fn create_private_file(path: &Path) -> Result<()> {
     }
 }
 
+/// Open (or create) the database file, telling apart a file another process holds
+/// and a damaged one. redb asserts some of its file's invariants when it opens it (a
+/// truncated file fails one): that panic is a damaged file too.
 fn open_database(path: &Path) -> Result<redb::Database> {
     create_private_file(path)?;
     let opened = std::panic::catch_unwind(|| {
