@@ -1036,6 +1036,67 @@ async fn a_plan_is_deleted_once_no_active_token_uses_it() {
     assert_eq!(trail["items"][0]["target"], s.plan_id.as_str());
 }
 
+/// Tokens issued on a plan while the plan is deleted: either the deletion comes
+/// first (`204`) and every issue is refused, or a token comes first, the deletion is
+/// refused (`409`) and every issue succeeds. No token ends up on a deleted plan.
+/// (conformance.rs checks the store's part of it under finer interleavings.)
+#[tokio::test]
+async fn a_plan_deleted_while_tokens_are_issued_on_it_leaves_no_token_on_it() {
+    let app = spawn_app().await;
+    let s = app.setup(600, 1000).await;
+    let tokens = format!("/api/sites/{}/tokens", s.site_id);
+    for round in 0..6 {
+        let plan_id = app
+            .create_named_plan(&s.owner, &s.site_id, &format!("p{round}"), 60, 10)
+            .await;
+        let plan = format!("/api/sites/{}/plans/{plan_id}", s.site_id);
+        // The deletion is sent this long after the issues (before them if negative),
+        // so it meets them at another point each round.
+        let offset = [-2000, -500, 0, 500, 2000, 8000][round];
+        let after =
+            |us: i64| tokio::time::sleep(std::time::Duration::from_micros(us.max(0) as u64));
+        let issue = || async {
+            after(-offset).await;
+            let res = app
+                .post(&s.owner, &tokens, json!({"plan_id": plan_id}))
+                .await;
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        };
+        let delete = async {
+            after(offset).await;
+            app.delete(&s.owner, &plan).await
+        };
+        let (a, b, deleted, c, d) = tokio::join!(issue(), issue(), delete, issue(), issue());
+        let issued: Vec<Value> = [a, b, c, d]
+            .into_iter()
+            .filter_map(|(status, body)| match status {
+                201 => Some(body),
+                // Refused before the store (no such plan) or by it (deleted meanwhile).
+                409 | 422 => None,
+                other => panic!("round {round}: {other} {body}"),
+            })
+            .collect();
+        match deleted.status().as_u16() {
+            204 => assert!(issued.is_empty(), "round {round}: tokens on a deleted plan"),
+            409 => assert_eq!(
+                issued.len(),
+                4,
+                "round {round}: refused on a plan that stays"
+            ),
+            other => panic!("round {round}: deletion answered {other}"),
+        }
+        let listed = app
+            .get_json(&s.owner, &format!("{tokens}?plan_id={plan_id}"))
+            .await;
+        assert_eq!(listed["items"].as_array().unwrap().len(), issued.len());
+        for t in &issued {
+            let secret = t["token"].as_str().unwrap();
+            assert_eq!(app.proxy_get(&s.site_id, "/", secret).await.status(), 200);
+        }
+    }
+}
+
 /// `n` creations of `body` at `path`, eight at a time, each expected to be `201`.
 async fn create_many(app: &App, jwt: &str, path: &str, n: usize, body: Value) {
     use futures_util::StreamExt;
@@ -1346,8 +1407,63 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
     assert!(actions.contains(&"site.create"), "{actions:?}");
 }
 
-/// Deleting a plan counts, and deleting a site revokes, the tokens on every page of
-/// the site's token list (pages of 1000), not only the first. On the embedded store
+/// Tokens issued on a site while it is deleted: every token issued is revoked once
+/// the deletion has answered `204`, after a second deletion where the first
+/// answered `409` (a token came after its site's tokens were listed).
+#[tokio::test]
+async fn a_site_deleted_while_tokens_are_issued_on_it_leaves_no_active_token() {
+    let app = spawn_app_with(Config {
+        dashboard_requests_per_second: 100_000,
+        ..test_config()
+    })
+    .await;
+    for offset in [-1000, 0, 300, 1000, 3000, 8000] {
+        let s = app.setup(600, 1000).await;
+        let (site, tokens) = (
+            format!("/api/sites/{}", s.site_id),
+            format!("/api/sites/{}/tokens", s.site_id),
+        );
+        let after =
+            |us: i64| tokio::time::sleep(std::time::Duration::from_micros(us.max(0) as u64));
+        let issue = |i: i64| {
+            let (app, tokens, s) = (&app, &tokens, &s);
+            async move {
+                after(-offset + i * 200).await;
+                let res = app
+                    .post(&s.owner, tokens, json!({"plan_id": s.plan_id}))
+                    .await;
+                let status = res.status().as_u16();
+                (status, res.json::<Value>().await.unwrap())
+            }
+        };
+        let delete = async {
+            after(offset).await;
+            app.delete(&s.owner, &site).await.status().as_u16()
+        };
+        let (deleted, issued) =
+            tokio::join!(delete, futures_util::future::join_all((0..6).map(issue)));
+        let mut statuses = vec![deleted];
+        if deleted == 409 {
+            statuses.push(app.delete(&s.owner, &site).await.status().as_u16());
+        }
+        assert_eq!(statuses.last(), Some(&204), "offset {offset}: {statuses:?}");
+        let store = app.local.state.store();
+        for (status, body) in issued {
+            match status {
+                201 => {
+                    let id = body["token_id"].as_str().unwrap();
+                    let t = store.get_token(&s.site_id, id).await.unwrap().unwrap();
+                    assert!(t.revoked_at.is_some(), "offset {offset}: {id} still active");
+                }
+                404 | 409 | 422 => {}
+                other => panic!("offset {offset}: {other} {body}"),
+            }
+        }
+    }
+}
+
+/// Deleting a plan sees, and deleting a site revokes, the tokens beyond the first
+/// page of the site's token list (pages of 1000). On the embedded store
 /// only: the paging is the dashboard's (each store's pages are checked in
 /// conformance.rs), and 1001 tokens take the DynamoDB test server minutes.
 #[tokio::test]

@@ -9,11 +9,11 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use payfence_core::domain::{Site, Token};
+use payfence_core::domain::{Plan, Site, Token};
 use payfence_core::ids;
 use payfence_core::seal::SealingKey;
 use payfence_core::store::embedded::EmbeddedStore;
-use payfence_core::store::{SiteStore, TokenStore};
+use payfence_core::store::{PlanStore, SiteStore, TokenStore};
 
 const SITES: usize = 1_000;
 const TOKENS_PER_SITE: usize = 100;
@@ -35,11 +35,22 @@ async fn main() {
         )
         .0;
         store.create_site(&site).await.expect("site stored");
+        let plan = Plan {
+            plan_id: ids::plan_id(),
+            site_id: site.site_id.clone(),
+            name: "pro".into(),
+            requests_per_minute: 60,
+            monthly_quota: 1000,
+            created_at: 1,
+            updated_at: 1,
+            revision: 0,
+        };
+        store.create_plan(&plan).await.expect("plan stored");
         join_all((0..TOKENS_PER_SITE).map(|j| {
             let token = Token {
                 token_id: ids::token_id(),
                 site_id: site.site_id.clone(),
-                plan_id: ids::plan_id(),
+                plan_id: plan.plan_id.clone(),
                 token_hash: ids::hash_secret(&ids::consumer_token()),
                 label: None,
                 consumer: Some(format!(

@@ -195,6 +195,10 @@ impl From<StoreError> for ApiError {
             StoreError::Changed(what) => Self::Conflict(format!(
                 "{what} was changed by another request meanwhile; read it again and retry"
             )),
+            // The callers check first: only a deletion meanwhile gets here.
+            StoreError::Missing(what) => {
+                Self::Conflict(format!("the {what} was deleted meanwhile"))
+            }
             StoreError::InvalidCursor => Self::invalid("cursor", "not a cursor from this query"),
             other => Self::Unavailable(other.to_string()),
         }

@@ -11,8 +11,8 @@ use payfence_core::seal::SealingKey;
 use payfence_core::store::dynamo::DynamoStore;
 use payfence_core::store::embedded::EmbeddedStore;
 use payfence_core::store::{
-    parse_admin_cursor, parse_event_cursor, AuditStore, CountRequest, Counted, KeyStore, Store,
-    StoreError, TokenStore,
+    parse_admin_cursor, parse_event_cursor, AuditStore, CountRequest, Counted, KeyStore,
+    PlanDeletion, PlanStore, Store, StoreError, TokenStore,
 };
 
 const NOW: u64 = 1_795_000_020_000; // 2026-11, early in a minute
@@ -229,14 +229,14 @@ async fn sites_and_plans(store: Arc<dyn Store>) {
         store.update_plan(&plan(&a.site_id, 10, 5)).await,
         Err(StoreError::Changed(_))
     ));
-    assert!(store.delete_plan(&a.site_id, &p.plan_id).await.unwrap());
+    let deleted = store.delete_plan(&a.site_id, &p.plan_id).await;
+    assert_eq!(deleted.unwrap(), PlanDeletion::Deleted);
     assert_eq!(store.get_plan(&a.site_id, &p.plan_id).await.unwrap(), None);
     assert_eq!(store.list_plans(&a.site_id).await.unwrap().len(), 1);
-    assert!(!store.delete_plan(&a.site_id, &p.plan_id).await.unwrap());
-    assert!(!store
-        .delete_plan(&b.site_id, "plan_0000000000000000")
-        .await
-        .unwrap());
+    let again = store.delete_plan(&a.site_id, &p.plan_id).await;
+    assert_eq!(again.unwrap(), PlanDeletion::NotFound);
+    let none = store.delete_plan(&b.site_id, "plan_0000000000000000").await;
+    assert_eq!(none.unwrap(), PlanDeletion::NotFound);
     assert!(store.delete_site(&b.site_id).await.unwrap());
     assert_eq!(store.get_site(&b.site_id).await.unwrap(), None);
     assert!(!store.delete_site(&b.site_id).await.unwrap());
@@ -693,6 +693,134 @@ async fn token_updates(store: Arc<dyn Store>) {
     );
 }
 
+/// A plan is deleted only while no active token is on it, checked in the same step
+/// as the token writes: issuing, moving, relabelling and revoking tokens (twice)
+/// keep its count, a plan's update does not reset it, and a token cannot be put on a
+/// plan that is gone.
+async fn plans_are_deleted_only_without_active_tokens(store: Arc<dyn Store>) {
+    let (s, p, t) = setup(&store, 60, 1000).await;
+    let p2 = plan(&s.site_id, 10, 5);
+    store.create_plan(&p2).await.unwrap();
+    let in_use = |plan: &Plan| {
+        let (store, site_id, plan_id) = (store.clone(), s.site_id.clone(), plan.plan_id.clone());
+        async move { store.delete_plan(&site_id, &plan_id).await.unwrap() }
+    };
+    let t2 = token(&s.site_id, &p.plan_id, None);
+    store.create_token(&t2).await.unwrap();
+    assert_eq!(in_use(&p).await, PlanDeletion::InUse(2));
+    // A plan's update keeps its count.
+    let mut renamed = p.clone();
+    renamed.name = "renamed".into();
+    store.update_plan(&renamed).await.unwrap();
+    assert_eq!(in_use(&p).await, PlanDeletion::InUse(2));
+    // A label change is no move; a move carries the token's count to the new plan.
+    let labelled = Token {
+        label: Some("l".into()),
+        ..t.clone()
+    };
+    store.update_token(&t, &labelled).await.unwrap();
+    assert_eq!(in_use(&p).await, PlanDeletion::InUse(2));
+    let moved = Token {
+        plan_id: p2.plan_id.clone(),
+        ..labelled.clone()
+    };
+    store.update_token(&labelled, &moved).await.unwrap();
+    assert_eq!(in_use(&p).await, PlanDeletion::InUse(1));
+    assert_eq!(in_use(&p2).await, PlanDeletion::InUse(1));
+    // Revoked twice, a token counts down once.
+    for at in [5, 6] {
+        store
+            .revoke_token(&s.site_id, &t2.token_id, at)
+            .await
+            .unwrap();
+    }
+    assert_eq!(in_use(&p2).await, PlanDeletion::InUse(1));
+    assert_eq!(in_use(&p).await, PlanDeletion::Deleted);
+    // Onto a plan that is gone: neither issued nor moved.
+    let orphan = token(&s.site_id, &p.plan_id, None);
+    assert!(matches!(
+        store.create_token(&orphan).await,
+        Err(StoreError::Missing(_))
+    ));
+    let by_hash = store.token_by_hash(&orphan.token_hash).await.unwrap();
+    assert_eq!(by_hash, None, "nothing of the refused token is stored");
+    let back = Token {
+        plan_id: p.plan_id.clone(),
+        ..moved.clone()
+    };
+    assert!(matches!(
+        store.update_token(&moved, &back).await,
+        Err(StoreError::Missing(_))
+    ));
+    let stored = store.get_token(&s.site_id, &t.token_id).await.unwrap();
+    assert_eq!(
+        stored,
+        Some(moved.clone()),
+        "the refused move changed nothing"
+    );
+    store
+        .revoke_token(&s.site_id, &t.token_id, 7)
+        .await
+        .unwrap();
+    assert_eq!(in_use(&p2).await, PlanDeletion::Deleted);
+}
+
+/// Tokens issued on a plan while it is deleted: either the deletion comes first and
+/// every token is refused, or a token comes first, the deletion is refused, and
+/// every token is issued; never a token on a deleted plan. The deletion is sent
+/// before, between and after the tokens. Revoked all at once, the tokens leave
+/// the plan free to delete.
+async fn plan_deletion_races_token_issue(store: Arc<dyn Store>) {
+    let s = site("o");
+    store.create_site(&s).await.unwrap();
+    for round in 0..10 {
+        let p = plan(&s.site_id, 60, 1000);
+        store.create_plan(&p).await.unwrap();
+        let tokens: Vec<Token> = (0..4)
+            .map(|_| token(&s.site_id, &p.plan_id, None))
+            .collect();
+        let issue = |t: &Token| {
+            let (store, t) = (store.clone(), t.clone());
+            tokio::spawn(async move { store.create_token(&t).await })
+        };
+        let delete = || {
+            let (store, site_id, plan_id) = (store.clone(), s.site_id.clone(), p.plan_id.clone());
+            tokio::spawn(async move { store.delete_plan(&site_id, &plan_id).await })
+        };
+        let at = round % 5;
+        let mut issued: Vec<_> = tokens[..at.min(4)].iter().map(issue).collect();
+        let deleted = delete();
+        issued.extend(tokens[at.min(4)..].iter().map(issue));
+        let mut ok = 0;
+        for i in issued {
+            match i.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(StoreError::Missing(_)) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        match deleted.await.unwrap().unwrap() {
+            PlanDeletion::Deleted => assert_eq!(ok, 0, "round {round}: tokens on a deleted plan"),
+            PlanDeletion::InUse(n) => {
+                assert_eq!(ok, 4, "round {round}: a token refused on a plan that stays");
+                assert!((1..=4).contains(&n), "round {round}: {n} in use");
+                let revokes = tokens.iter().map(|t| {
+                    let (store, t) = (store.clone(), t.clone());
+                    tokio::spawn(
+                        async move { store.revoke_token(&t.site_id, &t.token_id, 9).await },
+                    )
+                });
+                for r in revokes.collect::<Vec<_>>() {
+                    assert!(r.await.unwrap().unwrap().is_some());
+                }
+                let deleted = store.delete_plan(&s.site_id, &p.plan_id).await.unwrap();
+                assert_eq!(deleted, PlanDeletion::Deleted, "round {round}");
+            }
+            PlanDeletion::NotFound => panic!("round {round}: the plan was not found"),
+        }
+    }
+}
+
 /// A key's label changes only over the key as read: never over a revocation.
 async fn key_updates(store: Arc<dyn Store>) {
     let s = site("o");
@@ -1130,6 +1258,8 @@ conformance!(
     deleting_a_site_deletes_its_quota_events,
     revocation_and_missing_tokens,
     token_updates,
+    plans_are_deleted_only_without_active_tokens,
+    plan_deletion_races_token_issue,
     key_updates,
     usage_of_many_tokens_at_once,
     sliding_window_matches_the_pure_model,
@@ -1510,6 +1640,7 @@ async fn dynamodb_table_has_ttl_on_expires_at_and_records_carry_it() {
     // revocation's time + 90 days (a second one changes nothing); an active
     // token's never do.
     let p = plan(&s.site_id, 60, 1000);
+    store.create_plan(&p).await.unwrap();
     let (active, revoked) = (
         token(&s.site_id, &p.plan_id, None),
         token(&s.site_id, &p.plan_id, None),

@@ -6,12 +6,12 @@ use axum::Extension;
 use http::StatusCode;
 use payfence_core::domain::{now_ms, Plan};
 use payfence_core::http::{json, ApiError, ApiJson, ApiPath};
+use payfence_core::store::PlanDeletion;
 use payfence_core::{ids, limits, AppState};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::input::{check_range, not_null};
-use super::tokens::each_token_page;
 use super::{managed_site, not_found, room_for, trail, ApiResult, MAX_PLANS_PER_SITE, P};
 
 fn plan_view(pl: &Plan) -> Value {
@@ -172,30 +172,26 @@ pub(super) async fn update_plan(
 
 /// Delete a plan that no active token uses (revoke them first): deleting one under
 /// active tokens would cut its customers off, which should be a decision of its own.
+/// The store checks and deletes at once, so no token can be issued onto it meanwhile.
 pub(super) async fn delete_plan(
     State(st): State<AppState>,
     Extension(p): P,
     ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
-    find_plan(&st, &site_id, &plan_id).await?;
-    let mut active = 0;
-    each_token_page(&st, &site_id, None, usize::MAX, |tokens| {
-        active += (tokens.iter())
-            .filter(|t| t.plan_id == plan_id && t.revoked_at.is_none())
-            .count();
-        async { Ok(()) }
-    })
-    .await?;
-    if active > 0 {
-        return Err(ApiError::Conflict(format!(
-            "{active} active token(s) use this plan: move them to another plan or revoke them first"
-        )));
-    }
-    if !st.store().delete_plan(&site_id, &plan_id).await? {
-        return Err(not_found("plan"));
-    }
+    deleted_plan(st.store().delete_plan(&site_id, &plan_id).await?)?;
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "plan.delete", &site, Some(&plan_id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A plan deletion's outcome as the dashboard answers it.
+pub(super) fn deleted_plan(outcome: PlanDeletion) -> Result<(), ApiError> {
+    match outcome {
+        PlanDeletion::Deleted => Ok(()),
+        PlanDeletion::NotFound => Err(not_found("plan")),
+        PlanDeletion::InUse(active) => Err(ApiError::Conflict(format!(
+            "{active} active token(s) use this plan: move them to another plan or revoke them first"
+        ))),
+    }
 }

@@ -12,6 +12,7 @@ use payfence_core::auth::Role;
 use payfence_core::domain::{now_ms, Site};
 use payfence_core::http::{json, ApiError, ApiJson, ApiPath};
 use payfence_core::origin::validate_origin_url;
+use payfence_core::store::PlanDeletion;
 use payfence_core::{ids, AppState};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -210,7 +211,12 @@ pub(super) async fn delete_site(
         }
     }
     for plan in store.list_plans(&site_id).await? {
-        store.delete_plan(&site_id, &plan.plan_id).await?;
+        // A token issued meanwhile (after its site's were listed) keeps its plan.
+        if let PlanDeletion::InUse(_) = store.delete_plan(&site_id, &plan.plan_id).await? {
+            return Err(ApiError::Conflict(
+                "a token was issued on the site meanwhile: delete the site again".into(),
+            ));
+        }
     }
     if !store.delete_site(&site_id).await? {
         return Err(not_found("site"));

@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, PutRequest, ReturnValue,
+    KeyType, Projection, ProjectionType, Put, PutRequest, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
-    WriteRequest,
+    TransactWriteItem, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -40,6 +41,9 @@ type Item = HashMap<String, AttributeValue>;
 pub const GSI1: &str = "gsi1";
 pub const GSI2: &str = "gsi2";
 pub const TTL_ATTRIBUTE: &str = "expires_at";
+/// A plan item's count of the active tokens on the plan, kept by the token writes'
+/// transactions; a plan is deleted only while it is zero.
+const ACTIVE_TOKENS: &str = "active_tokens";
 /// Audit records of one site are spread over this many partitions.
 pub const AUDIT_SHARDS: u32 = 8;
 /// One site-rate counter item takes at most this many writes a second.
@@ -87,11 +91,13 @@ fn data<T: DeserializeOwned>(item: &Item) -> Result<T> {
 }
 
 fn with_data<T: Serialize>(mut item: Item, v: &T) -> Item {
-    item.insert(
-        "d".into(),
-        s(serde_json::to_string(v).expect("records serialise")),
-    );
+    item.insert("d".into(), data_value(v));
     item
+}
+
+/// A record as an item's `d`.
+fn data_value<T: Serialize>(v: &T) -> AttributeValue {
+    s(serde_json::to_string(v).expect("records serialise"))
 }
 
 fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
@@ -466,16 +472,105 @@ impl DynamoStore {
         id: &str,
         now: impl FnOnce(Item) -> Item,
     ) -> Result<()> {
-        let changed = || StoreError::Changed(id.to_owned());
-        let Some(stored) = self.get_item(record, true).await? else {
-            return Err(changed());
-        };
-        if data::<T>(&stored)? != *was {
-            return Err(changed());
-        }
+        let stored = self.read_as(record, was, id).await?;
+        let changed = StoreError::Changed(id.to_owned());
         let read = Item::from([(":was".into(), stored["d"].clone())]);
-        self.put_if(now(stored), "d = :was", Some(read), changed())
+        self.put_if(now(stored), "d = :was", Some(read), changed)
             .await
+    }
+
+    /// The item at `record` (strongly consistent) if its record is `was`;
+    /// otherwise `Changed(id)`.
+    async fn read_as<T: DeserializeOwned + PartialEq>(
+        &self,
+        record: Item,
+        was: &T,
+        id: &str,
+    ) -> Result<Item> {
+        match self.get_item(record, true).await? {
+            Some(stored) if data::<T>(&stored)? == *was => Ok(stored),
+            _ => Err(StoreError::Changed(id.to_owned())),
+        }
+    }
+
+    /// Apply `items` in one transaction. Cancelled by failed conditions, it gives
+    /// which items' conditions failed, in their order. Cancelled because another
+    /// transaction held one of the items (or by throttling), it is sent again with
+    /// backoff, up to 8 times in all.
+    async fn transact(&self, items: Vec<TransactWriteItem>) -> Result<Result<(), Vec<bool>>> {
+        use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+        let mut backoff = Duration::from_millis(20);
+        for attempt in 0.. {
+            let sent = (self.client.transact_write_items())
+                .set_transact_items(Some(items.clone()))
+                .send()
+                .await;
+            let e = match sent {
+                Ok(_) => return Ok(Ok(())),
+                Err(e) => e,
+            };
+            let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
+                e.as_service_error()
+            else {
+                return Err(sdk(e));
+            };
+            let codes: Vec<&str> = (c.cancellation_reasons().iter())
+                .map(|r| r.code().unwrap_or("None"))
+                .collect();
+            if codes.contains(&"ConditionalCheckFailed") {
+                return Ok(Err(codes
+                    .iter()
+                    .map(|c| *c == "ConditionalCheckFailed")
+                    .collect()));
+            }
+            let contended = |c: &&str| {
+                matches!(
+                    *c,
+                    "None"
+                        | "TransactionConflict"
+                        | "ThrottlingError"
+                        | "ProvisionedThroughputExceeded"
+                        | "RequestLimitExceeded"
+                )
+            };
+            if codes.is_empty() || !codes.iter().all(contended) || attempt == 7 {
+                return Err(sdk(e));
+            }
+            back_off(&mut backoff).await;
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// A transaction item putting `item` if `condition` holds (with `values`).
+    fn put_in_transaction(
+        &self,
+        item: Item,
+        condition: &str,
+        values: Option<Item>,
+    ) -> Result<TransactWriteItem> {
+        let put = Put::builder()
+            .table_name(&*self.table)
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .set_expression_attribute_values(values)
+            .build()
+            .map_err(unavailable)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// A transaction item adding `by` to the count of active tokens on a plan, on
+    /// the condition that the plan exists.
+    fn count_on_plan(&self, site_id: &str, plan_id: &str, by: i64) -> Result<TransactWriteItem> {
+        let update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&*self.table)
+            .set_key(Some(plan_key(site_id, plan_id)))
+            .update_expression("ADD #n :by")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#n", ACTIVE_TOKENS)
+            .expression_attribute_values(":by", n(by))
+            .build()
+            .map_err(unavailable)?;
+        Ok(TransactWriteItem::builder().update(update).build())
     }
 
     /// Put only if no item has this key; `Conflict` otherwise.
@@ -489,14 +584,10 @@ impl DynamoStore {
     /// `read_at`; `Changed` otherwise. Items written before revisions existed have no
     /// `rev`: revision 0.
     async fn put_at_revision(&self, item: Item, read_at: u64, what: &str) -> Result<()> {
-        let condition = if read_at == 0 {
-            "attribute_exists(pk) AND (attribute_not_exists(rev) OR rev = :read)"
-        } else {
-            "rev = :read"
-        };
         let refused = StoreError::Changed(what.into());
         let read = Item::from([(":read".into(), n(read_at))]);
-        self.put_if(item, condition, Some(read), refused).await
+        self.put_if(item, at_revision(read_at), Some(read), refused)
+            .await
     }
 
     /// Every item of a query (all pages).
@@ -827,6 +918,15 @@ fn spawn_audit_writer(
     tx
 }
 
+/// The condition that an item is still at revision `:read` (`read_at`).
+fn at_revision(read_at: u64) -> &'static str {
+    if read_at == 0 {
+        "attribute_exists(pk) AND (attribute_not_exists(rev) OR rev = :read)"
+    } else {
+        "rev = :read"
+    }
+}
+
 /// Wait `backoff` and up to half as long again (jitter), then double it, up to 5 s.
 async fn back_off(backoff: &mut Duration) {
     let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
@@ -931,28 +1031,67 @@ impl SiteStore for DynamoStore {
 #[async_trait]
 impl PlanStore for DynamoStore {
     async fn create_plan(&self, plan: &Plan) -> Result<()> {
-        self.put_new(plan_item(plan), &plan.plan_id).await
+        let mut item = plan_item(plan);
+        item.insert(ACTIVE_TOKENS.into(), n(0));
+        self.put_new(item, &plan.plan_id).await
     }
     async fn update_plan(&self, plan: &Plan) -> Result<()> {
         let next = Plan {
             revision: plan.revision + 1,
             ..plan.clone()
         };
-        self.put_at_revision(plan_item(&next), plan.revision, &plan.plan_id)
-            .await
+        // An update, not a put: the plan's count of active tokens stays as it is.
+        let updated = (self.client.update_item())
+            .table_name(&*self.table)
+            .set_key(Some(plan_key(&plan.site_id, &plan.plan_id)))
+            .update_expression("SET d = :d, rev = :rev")
+            .condition_expression(at_revision(plan.revision))
+            .expression_attribute_values(":d", data_value(&next))
+            .expression_attribute_values(":rev", n(next.revision))
+            .expression_attribute_values(":read", n(plan.revision))
+            .send()
+            .await;
+        match updated {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Changed(plan.plan_id.clone()))
+            }
+            Err(e) => Err(sdk(e)),
+        }
     }
-    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
-        self.delete(key(format!("SITE#{site_id}"), format!("PLAN#{plan_id}")))
-            .await
+    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<PlanDeletion> {
+        // Conditional on the count the token transactions keep: a plan written
+        // before plans counted their tokens has none, and is deleted.
+        let deleted = (self.client.delete_item())
+            .table_name(&*self.table)
+            .set_key(Some(plan_key(site_id, plan_id)))
+            .condition_expression("attribute_not_exists(#n) OR #n <= :zero")
+            .expression_attribute_names("#n", ACTIVE_TOKENS)
+            .expression_attribute_values(":zero", n(0))
+            .return_values(ReturnValue::AllOld)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match deleted {
+            Ok(old) if old.attributes().is_some_and(|a| !a.is_empty()) => Ok(PlanDeletion::Deleted),
+            Ok(_) => Ok(PlanDeletion::NotFound),
+            Err(e) => match e.as_service_error() {
+                Some(DeleteItemError::ConditionalCheckFailedException(c)) => {
+                    let active = c.item().and_then(|i| get_n(i, ACTIVE_TOKENS));
+                    Ok(PlanDeletion::InUse(active.unwrap_or(1)))
+                }
+                _ => Err(sdk(e)),
+            },
+        }
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
-        self.get_item(
-            key(format!("SITE#{site_id}"), format!("PLAN#{plan_id}")),
-            true,
-        )
-        .await?
-        .map(|i| data(&i))
-        .transpose()
+        self.get_item(plan_key(site_id, plan_id), true)
+            .await?
+            .map(|i| data(&i))
+            .transpose()
     }
     async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>> {
         self.query_all(
@@ -978,11 +1117,12 @@ fn site_item(site: &Site) -> Item {
     with_data(item, site)
 }
 
+fn plan_key(site_id: &str, plan_id: &str) -> Item {
+    key(format!("SITE#{site_id}"), format!("PLAN#{plan_id}"))
+}
+
 fn plan_item(plan: &Plan) -> Item {
-    let mut item = key(
-        format!("SITE#{}", plan.site_id),
-        format!("PLAN#{}", plan.plan_id),
-    );
+    let mut item = plan_key(&plan.site_id, &plan.plan_id);
     item.insert("rev".into(), n(plan.revision));
     with_data(item, plan)
 }
@@ -1051,38 +1191,22 @@ impl DynamoStore {
 #[async_trait]
 impl TokenStore for DynamoStore {
     async fn create_token(&self, token: &Token) -> Result<()> {
-        use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
         let mut hash = key(format!("TOKENHASH#{}", token.token_hash), "TOKENHASH");
         hash.insert("token_id".into(), s(&token.token_id));
         hash.insert("site_id".into(), s(&token.site_id));
         let mut usage = key(format!("TOKEN#{}", token.token_id), "USAGE");
         usage.insert("site_id".into(), s(&token.site_id));
-        let put = |item: Item, guard: bool| -> Result<TransactWriteItem> {
-            let mut p = Put::builder().table_name(&*self.table).set_item(Some(item));
-            if guard {
-                p = p.condition_expression("attribute_not_exists(pk)");
-            }
-            Ok(TransactWriteItem::builder()
-                .put(p.build().map_err(unavailable)?)
-                .build())
-        };
-        let res = self
-            .client
-            .transact_write_items()
-            .transact_items(put(hash, true)?)
-            .transact_items(put(token_item(token), true)?)
-            .transact_items(put(usage, true)?)
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_transaction_canceled_exception()) =>
-            {
-                Err(StoreError::Conflict("token".into()))
-            }
-            Err(e) => Err(sdk(e)),
+        let new = |item: Item| self.put_in_transaction(item, "attribute_not_exists(pk)", None);
+        let items = vec![
+            new(hash)?,
+            new(token_item(token))?,
+            new(usage)?,
+            self.count_on_plan(&token.site_id, &token.plan_id, 1)?,
+        ];
+        match self.transact(items).await? {
+            Ok(()) => Ok(()),
+            Err(failed) if failed.get(3) == Some(&true) => Err(StoreError::Missing("plan".into())),
+            Err(_) => Err(StoreError::Conflict("token".into())),
         }
     }
     async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>> {
@@ -1127,8 +1251,8 @@ impl TokenStore for DynamoStore {
     }
     async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
         let record = key(format!("TOKEN#{}", was.token_id), "TOKEN");
-        self.put_over(record, was, &was.token_id, |_| token_item(now))
-            .await
+        let stored = self.read_as(record, was, &was.token_id).await?;
+        self.write_token(stored, now, None).await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
         let Some(token) = self.get_token(site_id, token_id).await? else {
@@ -1159,11 +1283,23 @@ impl TokenStore for DynamoStore {
         else {
             return Err(StoreError::Corrupt("token usage item".into()));
         };
-        // The record and the hash item at once: neither waits on the other.
-        let record = self.update_data::<Token>(key(format!("TOKEN#{token_id}"), "TOKEN"), |t| {
-            t.revoked_at.get_or_insert(revoked_at);
-            Some(expires_at)
-        });
+        // The record and the hash item at once: neither waits on the other. The
+        // record is written over as read, so a move meanwhile is read again.
+        let record = async {
+            for _ in 0..5 {
+                let record = key(format!("TOKEN#{token_id}"), "TOKEN");
+                let Some(stored) = self.get_item(record, true).await? else {
+                    return Ok(None);
+                };
+                let mut t: Token = data(&stored)?;
+                t.revoked_at.get_or_insert(revoked_at);
+                match self.write_token(stored, &t, Some(expires_at)).await {
+                    Err(StoreError::Changed(_)) => continue,
+                    written => return written.map(|()| Some(t)),
+                }
+            }
+            Err(unavailable("the token kept changing while being revoked"))
+        };
         let hash = async {
             let expire = (self.client.update_item())
                 .table_name(&*self.table)
@@ -1188,7 +1324,50 @@ impl TokenStore for DynamoStore {
             }
         };
         let (updated, ()) = tokio::try_join!(record, hash)?;
-        Ok(updated.map(|(_, t)| t).or(Some(token)))
+        Ok(updated.or(Some(token)))
+    }
+}
+
+impl DynamoStore {
+    /// Write the token record `now` over `stored` (its item as read) if that is still
+    /// stored, with `expires_at` for TTL when given; in the same transaction, the
+    /// counts of active tokens on the plans follow (an active token counts on its
+    /// plan). `Changed` if the record changed meanwhile; `Missing("plan")` if `now` is
+    /// active on a plan that does not exist. A plan the token leaves that no longer
+    /// exists (deleted under its tokens before plans counted them) is left alone.
+    async fn write_token(&self, stored: Item, now: &Token, expires_at: Option<u64>) -> Result<()> {
+        let was: Token = data(&stored)?;
+        let counted = |t: &Token| t.revoked_at.is_none().then(|| t.plan_id.clone());
+        let mut counts = Vec::new();
+        if counted(&was) != counted(now) {
+            counts.extend(counted(now).map(|p| (p, 1)));
+            counts.extend(counted(&was).map(|p| (p, -1)));
+        }
+        let mut item = token_item(now);
+        if let Some(at) = expires_at {
+            item.insert(TTL_ATTRIBUTE.into(), n(at));
+        }
+        let read = Item::from([(":was".into(), stored["d"].clone())]);
+        loop {
+            let put = self.put_in_transaction(item.clone(), "d = :was", Some(read.clone()));
+            let mut items = vec![put?];
+            for (plan, by) in &counts {
+                items.push(self.count_on_plan(&now.site_id, plan, *by)?);
+            }
+            let failed = match self.transact(items).await? {
+                Ok(()) => return Ok(()),
+                Err(failed) => failed,
+            };
+            if failed.first() != Some(&false) {
+                return Err(StoreError::Changed(now.token_id.clone()));
+            }
+            match failed.iter().skip(1).position(|f| *f) {
+                Some(i) if counts[i].1 < 0 => {
+                    counts.remove(i);
+                }
+                _ => return Err(StoreError::Missing("plan".into())),
+            }
+        }
     }
 }
 
@@ -1728,5 +1907,74 @@ mod tests {
         assert_eq!(count(gone.site_id.clone()).await, 0);
         assert_eq!(count(kept.site_id.clone()).await, 3);
         assert!(store.get_site(&kept.site_id).await.unwrap().is_some());
+    }
+
+    /// Data written before plans counted their tokens: a token left on a deleted
+    /// plan is still revoked or moved (no stray plan item is made for the count),
+    /// and a plan without a count starts counting at the next token.
+    #[tokio::test]
+    async fn tokens_and_plans_from_before_the_count() {
+        let Some(store) = test_store().await else {
+            return;
+        };
+        let site_id = "site_00000000000000aa";
+        let plan = |plan_id: &str| Plan {
+            plan_id: plan_id.into(),
+            site_id: site_id.into(),
+            name: "pro".into(),
+            requests_per_minute: 60,
+            monthly_quota: 1000,
+            created_at: 1,
+            updated_at: 1,
+            revision: 0,
+        };
+        // As the store wrote them before: a plan item without a count, and tokens
+        // whose records, usage and hash items were written without one.
+        let (old, gone) = (plan("plan_00000000000000a1"), "plan_00000000000000a2");
+        store.put_item(plan_item(&old)).await.unwrap();
+        let legacy = |plan_id: &str| Token {
+            token_id: crate::ids::token_id(),
+            site_id: site_id.into(),
+            plan_id: plan_id.into(),
+            token_hash: crate::ids::hash_secret(&crate::ids::consumer_token()),
+            label: None,
+            consumer: None,
+            created_at: 1,
+            revoked_at: None,
+        };
+        let (orphan, moved) = (legacy(gone), legacy(gone));
+        for t in [&orphan, &moved] {
+            let mut hash = key(format!("TOKENHASH#{}", t.token_hash), "TOKENHASH");
+            hash.insert("token_id".into(), s(&t.token_id));
+            hash.insert("site_id".into(), s(site_id));
+            let mut usage = key(format!("TOKEN#{}", t.token_id), "USAGE");
+            usage.insert("site_id".into(), s(site_id));
+            for item in [token_item(t), hash, usage] {
+                store.put_item(item).await.unwrap();
+            }
+        }
+        let revoked = store.revoke_token(site_id, &orphan.token_id, 5).await;
+        assert_eq!(revoked.unwrap().unwrap().revoked_at, Some(5));
+        let to_old = Token {
+            plan_id: old.plan_id.clone(),
+            ..moved.clone()
+        };
+        store.update_token(&moved, &to_old).await.unwrap();
+        assert_eq!(store.get_plan(site_id, gone).await.unwrap(), None);
+        let plans = store.list_plans(site_id).await.unwrap();
+        assert_eq!(
+            plans,
+            vec![old.clone()],
+            "no stray item for the deleted plan"
+        );
+        // The moved token is the old plan's first counted one.
+        let deleted = store.delete_plan(site_id, &old.plan_id).await.unwrap();
+        assert_eq!(deleted, PlanDeletion::InUse(1));
+        store
+            .revoke_token(site_id, &moved.token_id, 6)
+            .await
+            .unwrap();
+        let deleted = store.delete_plan(site_id, &old.plan_id).await.unwrap();
+        assert_eq!(deleted, PlanDeletion::Deleted);
     }
 }

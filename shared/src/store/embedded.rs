@@ -43,11 +43,14 @@ const FAILED: Def = TableDefinition::new("failed"); // site/client -> SlidingWin
 const AUDIT: Def = TableDefinition::new("audit"); // site/ts_ms(13)/… -> records (see `audit_records`)
 const EVENTS: Def = TableDefinition::new("events"); // site/token/period/kind -> QuotaEvent
 const ADMIN: Def = TableDefinition::new("admin"); // ts_ms(13)/id -> AdminEvent
-const META: Def = TableDefinition::new("meta"); // "wal_next_gen" -> u64 LE, "indexed" -> []
+const META: Def = TableDefinition::new("meta"); // "wal_next_gen" -> u64 LE, "indexed" -> version
 /// Secondary indexes, keyed by [`index_key`], each entry holding a primary key.
 const OWNER_SITES: Def = TableDefinition::new("owner_sites"); // owner/site -> site
 const CONSUMER_TOKENS: Def = TableDefinition::new("consumer_tokens"); // consumer/token -> site/token
-const ALL: [Def; 15] = [
+/// The active tokens of each plan (what a plan's deletion checks).
+const PLAN_TOKENS: Def = TableDefinition::new("plan_tokens"); // site/plan/token -> site/token
+const INDEXES: [Def; 3] = [OWNER_SITES, CONSUMER_TOKENS, PLAN_TOKENS];
+const ALL: [Def; 16] = [
     SITES,
     PLANS,
     TOKENS,
@@ -63,6 +66,7 @@ const ALL: [Def; 15] = [
     META,
     OWNER_SITES,
     CONSUMER_TOKENS,
+    PLAN_TOKENS,
 ];
 /// Tables the write-ahead log puts to, by their number in a log entry.
 const LOGGED: [Def; 4] = [USAGE, SITE_USAGE, AUDIT, EVENTS];
@@ -71,9 +75,11 @@ const L_SITE_USAGE: u8 = 1;
 const L_AUDIT: u8 = 2;
 const L_EVENTS: u8 = 3;
 const NEXT_GEN: &str = "wal_next_gen";
-/// Present once the secondary indexes cover every record (data dirs made before
-/// they existed have them built when opened).
+/// Holds [`INDEX_VERSION`] once the secondary indexes cover every record: a
+/// database from before an index existed (no version, or an older one) has them all
+/// built anew when opened.
 const INDEXED: &str = "indexed";
+const INDEX_VERSION: &[u8] = &[2];
 /// Tokens kept in memory before those already in the database are let go.
 const MAX_HOT_TOKENS: usize = 100_000;
 
@@ -204,21 +210,22 @@ fn index_site(txn: &WriteTransaction, was: Option<&Site>, now: Option<&Site>) ->
     reindex(txn, OWNER_SITES, was.and_then(entry), now.and_then(entry))
 }
 
-/// A token is listed under its consumer, if it has one.
+/// A token is listed under its consumer, if it has one, and while it is active,
+/// under its plan.
 fn index_token(txn: &WriteTransaction, was: Option<&Token>, now: Option<&Token>) -> Result<()> {
-    let entry = |t: &Token| {
-        let c = t.consumer.as_deref()?;
-        Some((
-            index_key(c, &t.token_id),
-            format!("{}/{}", t.site_id, t.token_id),
-        ))
+    let primary = |t: &Token| format!("{}/{}", t.site_id, t.token_id);
+    let consumer = |t: &Token| Some((index_key(t.consumer.as_deref()?, &t.token_id), primary(t)));
+    let plan = |t: &Token| {
+        let key = format!("{}/{}/{}", t.site_id, t.plan_id, t.token_id);
+        t.revoked_at.is_none().then(|| (key, primary(t)))
     };
     reindex(
         txn,
         CONSUMER_TOKENS,
-        was.and_then(entry),
-        now.and_then(entry),
-    )
+        was.and_then(consumer),
+        now.and_then(consumer),
+    )?;
+    reindex(txn, PLAN_TOKENS, was.and_then(plan), now.and_then(plan))
 }
 
 /// Replace the index entry `was` with `now` (each an entry key and the primary key
@@ -243,16 +250,49 @@ fn reindex(
     Ok(())
 }
 
+/// What is wrong with a change from the record as stored before (if any) to the
+/// record to write, checked in the write's transaction before it writes anything.
+type Refusal<T> = fn(&WriteTransaction, Option<&T>, &T) -> Result<Option<StoreError>>;
+
+fn unrefused<T>(_: &WriteTransaction, _: Option<&T>, _: &T) -> Result<Option<StoreError>> {
+    Ok(None)
+}
+
+/// An active token may be put on a plan (issued on it or moved to it) only while
+/// the plan exists: the plan's deletion sees it in [`PLAN_TOKENS`] or comes first.
+fn planless(
+    txn: &WriteTransaction,
+    was: Option<&Token>,
+    now: &Token,
+) -> Result<Option<StoreError>> {
+    if now.revoked_at.is_some() || was.is_some_and(|w| w.plan_id == now.plan_id) {
+        return Ok(None);
+    }
+    let plans = txn.open_table(PLANS).map_err(unavailable)?;
+    let key = format!("{}/{}", now.site_id, now.plan_id);
+    let missing = plans.get(key.as_str()).map_err(unavailable)?.is_none();
+    Ok(missing.then(|| StoreError::Missing("plan".into())))
+}
+
 /// Build the secondary indexes anew from the records, once, for a database written
 /// before they existed.
 fn build_indexes(txn: &WriteTransaction) -> Result<()> {
     let mut meta = txn.open_table(META).map_err(unavailable)?;
-    if meta.get(INDEXED).map_err(unavailable)?.is_some() {
+    if meta
+        .get(INDEXED)
+        .map_err(unavailable)?
+        .map(|v| v.value() == INDEX_VERSION)
+        == Some(true)
+    {
         return Ok(());
+    }
+    for def in INDEXES {
+        txn.delete_table(def).map_err(unavailable)?;
+        txn.open_table(def).map_err(unavailable)?;
     }
     index_all(txn, SITES, index_site)?;
     index_all(txn, TOKENS, index_token)?;
-    meta.insert(INDEXED, [].as_slice()).map_err(unavailable)?;
+    meta.insert(INDEXED, INDEX_VERSION).map_err(unavailable)?;
     Ok(())
 }
 
@@ -700,20 +740,23 @@ impl EmbeddedStore {
     }
 
     /// Store `now` at `key` if the record there is still `was`; otherwise
-    /// `Changed(id)`.
+    /// `Changed(id)`, or what `refuse` finds wrong with the change first.
     async fn replace_if<T>(
         &self,
         def: Def,
         key: String,
         (was, now): (&T, &T),
         id: &str,
-        index: Reindex<T>,
+        (refuse, index): (Refusal<T>, Reindex<T>),
     ) -> Result<()>
     where
         T: Serialize + DeserializeOwned + PartialEq + Clone + Send + 'static,
     {
         let (was, now, id) = (was.clone(), now.clone(), id.to_owned());
         self.write(move |txn| {
+            if let Some(refused) = refuse(txn, Some(&was), &now)? {
+                return Ok(Err(refused));
+            }
             let mut t = txn.open_table(def).map_err(unavailable)?;
             if get::<T>(&t, &key)?.as_ref() != Some(&was) {
                 return Ok(Err(StoreError::Changed(id)));
@@ -727,12 +770,13 @@ impl EmbeddedStore {
     }
 
     /// Set the `revoked_at` of the record at `key` (once); the record, if it exists.
-    async fn revoke<T: Serialize + DeserializeOwned + Send + 'static>(
+    async fn revoke<T: Serialize + DeserializeOwned + Clone + Send + 'static>(
         &self,
         def: Def,
         key: String,
         now: u64,
         revoked_at: fn(&mut T) -> &mut Option<u64>,
+        index: Reindex<T>,
     ) -> Result<Option<T>> {
         self.write(move |txn| {
             let mut t = txn.open_table(def).map_err(unavailable)?;
@@ -740,9 +784,11 @@ impl EmbeddedStore {
                 return Ok(None);
             };
             if revoked_at(&mut record).is_none() {
+                let was = record.clone();
                 *revoked_at(&mut record) = Some(now);
                 t.insert(key.as_str(), encode(&record).as_slice())
                     .map_err(unavailable)?;
+                index(txn, Some(&was), Some(&record))?;
             }
             Ok(Some(record))
         })
@@ -900,9 +946,29 @@ impl PlanStore for EmbeddedStore {
         self.update_at_revision(PLANS, key, plan.clone(), |p| &mut p.revision, unindexed)
             .await
     }
-    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool> {
-        self.remove::<Plan>(PLANS, format!("{site_id}/{plan_id}"), unindexed)
-            .await
+    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<PlanDeletion> {
+        let key = format!("{site_id}/{plan_id}");
+        self.write(move |txn| {
+            let mut plans = txn.open_table(PLANS).map_err(unavailable)?;
+            if plans.get(key.as_str()).map_err(unavailable)?.is_none() {
+                return Ok(PlanDeletion::NotFound);
+            }
+            let prefix = format!("{key}/");
+            let mut active = 0;
+            let index = txn.open_table(PLAN_TOKENS).map_err(unavailable)?;
+            for row in index.range(prefix.as_str()..).map_err(unavailable)? {
+                if !row.map_err(unavailable)?.0.value().starts_with(&prefix) {
+                    break;
+                }
+                active += 1;
+            }
+            if active > 0 {
+                return Ok(PlanDeletion::InUse(active));
+            }
+            plans.remove(key.as_str()).map_err(unavailable)?;
+            Ok(PlanDeletion::Deleted)
+        })
+        .await
     }
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>> {
         self.read_table(PLANS, |t| get(t, &format!("{site_id}/{plan_id}")))
@@ -917,6 +983,9 @@ impl TokenStore for EmbeddedStore {
     async fn create_token(&self, token: &Token) -> Result<()> {
         let token = token.clone();
         self.write(move |txn| {
+            if let Some(refused) = planless(txn, None, &token)? {
+                return Ok(Err(refused));
+            }
             let key = format!("{}/{}", token.site_id, token.token_id);
             let mut hashes = txn.open_table(TOKEN_HASH).map_err(unavailable)?;
             if hashes
@@ -971,7 +1040,8 @@ impl TokenStore for EmbeddedStore {
     }
     async fn update_token(&self, was: &Token, now: &Token) -> Result<()> {
         let key = format!("{}/{}", was.site_id, was.token_id);
-        self.replace_if(TOKENS, key, (was, now), &was.token_id, index_token)
+        let checks = (planless as Refusal<Token>, index_token as Reindex<Token>);
+        self.replace_if(TOKENS, key, (was, now), &was.token_id, checks)
             .await
     }
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>> {
@@ -981,6 +1051,7 @@ impl TokenStore for EmbeddedStore {
                 format!("{site_id}/{token_id}"),
                 now,
                 |t: &mut Token| &mut t.revoked_at,
+                index_token,
             )
             .await?;
         // Decisions read revocation from memory: the next one sees it.
@@ -1029,12 +1100,13 @@ impl KeyStore for EmbeddedStore {
             format!("{site_id}/{key_id}"),
             now,
             |k: &mut ApiKey| &mut k.revoked_at,
+            unindexed,
         )
         .await
     }
     async fn update_key(&self, was: &ApiKey, now: &ApiKey) -> Result<()> {
         let key = format!("{}/{}", was.site_id, was.key_id);
-        self.replace_if(KEYS, key, (was, now), &was.key_id, unindexed)
+        self.replace_if(KEYS, key, (was, now), &was.key_id, (unrefused, unindexed))
             .await
     }
 }
@@ -1707,6 +1779,24 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
 
+    const PLAN: &str = "plan_0000000000000000";
+
+    /// Store `site` with a plan `PLAN`, for tokens to be issued on.
+    async fn site_with_plan(store: &EmbeddedStore, site: &Site) {
+        store.create_site(site).await.unwrap();
+        let plan = Plan {
+            plan_id: PLAN.into(),
+            site_id: site.site_id.clone(),
+            name: "pro".into(),
+            requests_per_minute: 60,
+            monthly_quota: 1000,
+            created_at: 1,
+            updated_at: 1,
+            revision: 0,
+        };
+        store.create_plan(&plan).await.unwrap();
+    }
+
     /// Deleting a site drops its rate window, from the database and from memory, and
     /// not another site's.
     #[tokio::test]
@@ -1719,13 +1809,13 @@ mod tests {
             .collect();
         let now = crate::domain::now_ms();
         for site in &sites {
-            store.create_site(site).await.unwrap();
+            site_with_plan(&store, site).await;
             let token_id = crate::ids::token_id();
             store
                 .create_token(&Token {
                     token_id: token_id.clone(),
                     site_id: site.site_id.clone(),
-                    plan_id: "plan_0000000000000000".into(),
+                    plan_id: PLAN.into(),
                     token_hash: crate::ids::hash_secret(&crate::ids::consumer_token()),
                     label: None,
                     consumer: None,
@@ -1956,10 +2046,17 @@ mod tests {
         );
     }
 
-    /// A data dir written before the owner and consumer indexes existed has them
-    /// built when it is opened, and its listings find every record.
+    /// A data dir written before the indexes existed (no version), or before the
+    /// plans' index (version 1), has them all built when it is opened: its listings
+    /// find every record, and a plan under active tokens is not deleted.
     #[tokio::test]
     async fn a_database_from_before_the_indexes_gets_them_when_opened() {
+        for version in [None, Some(&[][..])] {
+            from_before_the_indexes(version).await;
+        }
+    }
+
+    async fn from_before_the_indexes(version: Option<&[u8]>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.redb");
         let key = crate::seal::SealingKey::from_bytes(&[9; 32]);
@@ -1969,12 +2066,12 @@ mod tests {
             let mut tokens = Vec::new();
             for owner in ["alice", "alice", "bob"] {
                 let site = Site::new(owner, "s", "https://api.example.com", &key, 1).0;
-                store.create_site(&site).await.unwrap();
+                site_with_plan(&store, &site).await;
                 for consumer in [Some("carol"), None, Some("carol/x")] {
                     let token = Token {
                         token_id: crate::ids::token_id(),
                         site_id: site.site_id.clone(),
-                        plan_id: "plan_0000000000000000".into(),
+                        plan_id: PLAN.into(),
                         token_hash: crate::ids::hash_secret(&crate::ids::consumer_token()),
                         label: None,
                         consumer: consumer.map(Into::into),
@@ -1988,12 +2085,19 @@ mod tests {
             }
             (sites, tokens)
         };
-        // Take the database back to how it was before the indexes.
+        // Take the database back to how it was before the indexes (version 1 had
+        // the owner and consumer indexes, built in the same step).
         let db = Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        assert!(txn.delete_table(OWNER_SITES).unwrap());
-        assert!(txn.delete_table(CONSUMER_TOKENS).unwrap());
-        txn.open_table(META).unwrap().remove(INDEXED).unwrap();
+        for def in INDEXES {
+            assert!(txn.delete_table(def).unwrap());
+        }
+        let mut meta = txn.open_table(META).unwrap();
+        match version {
+            None => meta.remove(INDEXED).unwrap().map(drop),
+            Some(v) => meta.insert(INDEXED, v).unwrap().map(drop),
+        };
+        drop(meta);
         txn.commit().unwrap();
         drop(db);
 
@@ -2020,5 +2124,9 @@ mod tests {
         carols.sort_by(|a, b| a.token_id.cmp(&b.token_id));
         let listed = store.list_consumer_tokens_page("carol", 10, None).await;
         assert_eq!(listed.unwrap().items, carols);
+        for site in &sites {
+            let deleted = store.delete_plan(&site.site_id, PLAN).await.unwrap();
+            assert_eq!(deleted, PlanDeletion::InUse(3), "{version:?}");
+        }
     }
 }

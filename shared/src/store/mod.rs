@@ -26,6 +26,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("changed meanwhile: {0}")]
     Changed(String),
+    /// A record the write refers to (a token's plan) does not exist (any more).
+    #[error("no such {0}")]
+    Missing(String),
     #[error("not a cursor of this query")]
     InvalidCursor,
 }
@@ -131,21 +134,32 @@ pub trait SiteStore: Send + Sync {
     ) -> Result<Page<Site>>;
 }
 
+/// What [`PlanStore::delete_plan`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanDeletion {
+    Deleted,
+    NotFound,
+    /// Not deleted: this many active tokens use the plan.
+    InUse(u64),
+}
+
 #[async_trait]
 pub trait PlanStore: Send + Sync {
     async fn create_plan(&self, plan: &Plan) -> Result<()>;
     /// Store `plan` over the stored one if that is still at `plan.revision`, as
     /// `SiteStore::update_site` does.
     async fn update_plan(&self, plan: &Plan) -> Result<()>;
-    /// Delete; `false` if there was no such plan. Tokens left on it are refused
-    /// from then on (the gateway treats them as revoked).
-    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<bool>;
+    /// Delete the plan if no active token uses it, atomically with the token writes
+    /// (a token issued or moved onto it meanwhile either comes first and keeps it,
+    /// or is refused with `Missing("plan")`).
+    async fn delete_plan(&self, site_id: &str, plan_id: &str) -> Result<PlanDeletion>;
     async fn get_plan(&self, site_id: &str, plan_id: &str) -> Result<Option<Plan>>;
     async fn list_plans(&self, site_id: &str) -> Result<Vec<Plan>>;
 }
 
 #[async_trait]
 pub trait TokenStore: Send + Sync {
+    /// Store a new token; `Missing("plan")` if its plan does not exist.
     async fn create_token(&self, token: &Token) -> Result<()>;
     async fn get_token(&self, site_id: &str, token_id: &str) -> Result<Option<Token>>;
     async fn token_by_hash(&self, token_hash: &str) -> Result<Option<Token>>;
@@ -168,7 +182,8 @@ pub trait TokenStore: Send + Sync {
     ) -> Result<Page<Token>>;
     /// Store `now` (the same token with another plan, label or consumer) if the
     /// stored token is still `was`; otherwise `Changed` (it was revoked, changed or
-    /// deleted meanwhile: read it again).
+    /// deleted meanwhile: read it again); `Missing("plan")` if it moves to a plan
+    /// that does not exist.
     async fn update_token(&self, was: &Token, now: &Token) -> Result<()>;
     /// Revoke; returns the token as it is now, or `None` if there is no such token.
     async fn revoke_token(&self, site_id: &str, token_id: &str, now: u64) -> Result<Option<Token>>;
