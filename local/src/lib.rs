@@ -387,16 +387,7 @@ pub async fn start_demo(local: &Local) -> anyhow_like::Result<Demo> {
     let plan = match store.list_plans(&site.site_id).await?.into_iter().next() {
         Some(p) => p,
         None => {
-            let p = Plan {
-                plan_id: ids::plan_id(),
-                site_id: site.site_id.clone(),
-                name: "demo".into(),
-                requests_per_minute: 60,
-                monthly_quota: 1000,
-                created_at: now,
-                updated_at: now,
-                revision: 0,
-            };
+            let p = Plan::new(&site.site_id, "demo", 60, 1000, now);
             store.create_plan(&p).await?;
             p
         }

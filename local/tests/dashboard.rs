@@ -1110,11 +1110,7 @@ async fn create_many(app: &App, jwt: &str, path: &str, n: usize, body: Value) {
 
 #[tokio::test]
 async fn sites_plans_and_active_api_keys_are_capped_with_a_409_that_changes_nothing() {
-    let app = spawn_app_with(Config {
-        dashboard_requests_per_second: 100_000,
-        ..test_config()
-    })
-    .await;
+    let app = spawn_app_unthrottled().await;
     let s = app.setup(600, 1000).await;
     let site = format!("/api/sites/{}", s.site_id);
     let count = |path: String| {
@@ -1412,11 +1408,7 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
 /// answered `409` (a token came after its site's tokens were listed).
 #[tokio::test]
 async fn a_site_deleted_while_tokens_are_issued_on_it_leaves_no_active_token() {
-    let app = spawn_app_with(Config {
-        dashboard_requests_per_second: 100_000,
-        ..test_config()
-    })
-    .await;
+    let app = spawn_app_unthrottled().await;
     for offset in [-1000, 0, 300, 1000, 3000, 8000] {
         let s = app.setup(600, 1000).await;
         let (site, tokens) = (

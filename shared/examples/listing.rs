@@ -35,16 +35,7 @@ async fn main() {
         )
         .0;
         store.create_site(&site).await.expect("site stored");
-        let plan = Plan {
-            plan_id: ids::plan_id(),
-            site_id: site.site_id.clone(),
-            name: "pro".into(),
-            requests_per_minute: 60,
-            monthly_quota: 1000,
-            created_at: 1,
-            updated_at: 1,
-            revision: 0,
-        };
+        let plan = Plan::new(&site.site_id, "pro", 60, 1000, 1);
         store.create_plan(&plan).await.expect("plan stored");
         join_all((0..TOKENS_PER_SITE).map(|j| {
             let token = Token {

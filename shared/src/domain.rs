@@ -91,6 +91,26 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A new plan of `site_id`, with a fresh id, at revision 0.
+    pub fn new(
+        site_id: &str,
+        name: &str,
+        requests_per_minute: u64,
+        monthly_quota: u64,
+        now: u64,
+    ) -> Plan {
+        Plan {
+            plan_id: crate::ids::plan_id(),
+            site_id: site_id.into(),
+            name: name.into(),
+            requests_per_minute,
+            monthly_quota,
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+        }
+    }
+
     pub fn limits(&self) -> PlanLimits {
         PlanLimits {
             requests_per_minute: self.requests_per_minute,

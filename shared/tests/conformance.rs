@@ -29,16 +29,7 @@ fn site(owner: &str) -> Site {
 }
 
 fn plan(site_id: &str, rpm: u64, quota: u64) -> Plan {
-    Plan {
-        plan_id: ids::plan_id(),
-        site_id: site_id.into(),
-        name: "pro".into(),
-        requests_per_minute: rpm,
-        monthly_quota: quota,
-        created_at: 1,
-        updated_at: 1,
-        revision: 0,
-    }
+    Plan::new(site_id, "pro", rpm, quota, 1)
 }
 
 fn token(site_id: &str, plan_id: &str, consumer: Option<&str>) -> Token {

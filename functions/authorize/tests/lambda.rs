@@ -75,17 +75,8 @@ async fn the_audit_record_is_stored_before_the_environment_freezes() {
     site.failed_attempts_per_minute = 10;
     let site_id = site.site_id.clone();
     store.create_site(&site).await.unwrap();
-    let plan_id = ids::plan_id();
-    let plan = Plan {
-        plan_id: plan_id.clone(),
-        site_id: site_id.clone(),
-        name: "basic".into(),
-        requests_per_minute: 60,
-        monthly_quota: 1000,
-        created_at: now,
-        updated_at: now,
-        revision: 0,
-    };
+    let plan = Plan::new(&site_id, "basic", 60, 1000, now);
+    let plan_id = plan.plan_id.clone();
     store.create_plan(&plan).await.unwrap();
     let (key, api_key) = ApiKey::new(&site_id, None, now);
     store.create_key(&key).await.unwrap();

@@ -67,16 +67,13 @@ pub(super) async fn create_plan(
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
     let now = now_ms() / 1000;
-    let plan = Plan {
-        plan_id: ids::plan_id(),
-        site_id: site_id.clone(),
-        name: check_plan_name(&b.name)?,
-        requests_per_minute: check_rpm(b.requests_per_minute)?,
-        monthly_quota: check_quota(b.monthly_quota)?,
-        created_at: now,
-        updated_at: now,
-        revision: 0,
-    };
+    let plan = Plan::new(
+        &site_id,
+        &check_plan_name(&b.name)?,
+        check_rpm(b.requests_per_minute)?,
+        check_quota(b.monthly_quota)?,
+        now,
+    );
     let plans = st.store().list_plans(&site_id).await?.len();
     room_for(
         "this site has",

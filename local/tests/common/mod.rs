@@ -36,6 +36,15 @@ pub async fn spawn_app() -> App {
     spawn_app_with(test_config()).await
 }
 
+/// An app whose dashboard takes requests as fast as a test sends them.
+pub async fn spawn_app_unthrottled() -> App {
+    spawn_app_with(Config {
+        dashboard_requests_per_second: 100_000,
+        ..test_config()
+    })
+    .await
+}
+
 /// The DynamoDB endpoint of the test server `scripts/test.sh` started. Without it a
 /// DynamoDB test fails in CI and is skipped (loudly) elsewhere.
 pub fn dynamodb_endpoint() -> Option<String> {

@@ -30,16 +30,13 @@ pub async fn fixture(parent: &str, limits: PlanLimits, tokens: usize) -> Fixture
     let (mut site, _) = Site::new("bench", "bench", "https://api.example.com", &key, 1);
     site.site_requests_per_second = 1_000_000_000;
     store.create_site(&site).await.unwrap();
-    let plan = Plan {
-        plan_id: ids::plan_id(),
-        site_id: site.site_id.clone(),
-        name: "pro".into(),
-        requests_per_minute: limits.requests_per_minute,
-        monthly_quota: limits.monthly_quota,
-        created_at: 1,
-        updated_at: 1,
-        revision: 0,
-    };
+    let plan = Plan::new(
+        &site.site_id,
+        "pro",
+        limits.requests_per_minute,
+        limits.monthly_quota,
+        1,
+    );
     store.create_plan(&plan).await.unwrap();
     let mut issued = Vec::with_capacity(tokens);
     for _ in 0..tokens {

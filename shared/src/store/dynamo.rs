@@ -1918,19 +1918,12 @@ mod tests {
             return;
         };
         let site_id = "site_00000000000000aa";
-        let plan = |plan_id: &str| Plan {
-            plan_id: plan_id.into(),
-            site_id: site_id.into(),
-            name: "pro".into(),
-            requests_per_minute: 60,
-            monthly_quota: 1000,
-            created_at: 1,
-            updated_at: 1,
-            revision: 0,
-        };
         // As the store wrote them before: a plan item without a count, and tokens
         // whose records, usage and hash items were written without one.
-        let (old, gone) = (plan("plan_00000000000000a1"), "plan_00000000000000a2");
+        let (old, gone) = (
+            Plan::new(site_id, "pro", 60, 1000, 1),
+            "plan_00000000000000a2",
+        );
         store.put_item(plan_item(&old)).await.unwrap();
         let legacy = |plan_id: &str| Token {
             token_id: crate::ids::token_id(),

@@ -1786,13 +1786,7 @@ mod tests {
         store.create_site(site).await.unwrap();
         let plan = Plan {
             plan_id: PLAN.into(),
-            site_id: site.site_id.clone(),
-            name: "pro".into(),
-            requests_per_minute: 60,
-            monthly_quota: 1000,
-            created_at: 1,
-            updated_at: 1,
-            revision: 0,
+            ..Plan::new(&site.site_id, "pro", 60, 1000, 1)
         };
         store.create_plan(&plan).await.unwrap();
     }
