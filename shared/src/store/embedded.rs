@@ -275,7 +275,7 @@ fn planless(
 }
 
 /// Build the secondary indexes anew from the records, once, for a database written
-/// before they existed.
+/// before one of them existed (see [`INDEXED`]).
 fn build_indexes(txn: &WriteTransaction) -> Result<()> {
     let mut meta = txn.open_table(META).map_err(unavailable)?;
     if meta
@@ -739,8 +739,8 @@ impl EmbeddedStore {
         .await?
     }
 
-    /// Store `now` at `key` if the record there is still `was`; otherwise
-    /// `Changed(id)`, or what `refuse` finds wrong with the change first.
+    /// Store `now` at `key` if the record there is still `was` (otherwise
+    /// `Changed(id)`) and `refuse` finds nothing wrong with the change.
     async fn replace_if<T>(
         &self,
         def: Def,
@@ -754,12 +754,12 @@ impl EmbeddedStore {
     {
         let (was, now, id) = (was.clone(), now.clone(), id.to_owned());
         self.write(move |txn| {
-            if let Some(refused) = refuse(txn, Some(&was), &now)? {
-                return Ok(Err(refused));
-            }
             let mut t = txn.open_table(def).map_err(unavailable)?;
             if get::<T>(&t, &key)?.as_ref() != Some(&was) {
                 return Ok(Err(StoreError::Changed(id)));
+            }
+            if let Some(refused) = refuse(txn, Some(&was), &now)? {
+                return Ok(Err(refused));
             }
             t.insert(key.as_str(), encode(&now).as_slice())
                 .map_err(unavailable)?;
