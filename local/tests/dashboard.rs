@@ -1404,8 +1404,8 @@ async fn deleting_a_site_revokes_its_tokens_and_keys_and_removes_it() {
 }
 
 /// Tokens issued on a site while it is deleted: every token issued is revoked once
-/// the deletion has answered `204`, after a second deletion where the first
-/// answered `409` (a token came after its site's tokens were listed).
+/// the deletion has answered `204` (those issued after the site's tokens were
+/// listed, in a later pass; after a second deletion if the first gave up, `409`).
 #[tokio::test]
 async fn a_site_deleted_while_tokens_are_issued_on_it_leaves_no_active_token() {
     let app = spawn_app_unthrottled().await;
@@ -1451,6 +1451,65 @@ async fn a_site_deleted_while_tokens_are_issued_on_it_leaves_no_active_token() {
                 other => panic!("offset {offset}: {other} {body}"),
             }
         }
+    }
+}
+
+/// Tokens issued on a site all through its deletion, by eight clients: the deletion
+/// either catches up with them or gives up with `409` (after three passes); asked
+/// again once they stop, it finishes, and every token issued is revoked.
+#[tokio::test]
+async fn a_site_deleted_while_tokens_keep_being_issued_gives_up_or_catches_up() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let app = spawn_app_unthrottled().await;
+    let s = app.setup(600, 1000).await;
+    let (site, tokens) = (
+        format!("/api/sites/{}", s.site_id),
+        format!("/api/sites/{}/tokens", s.site_id),
+    );
+    let done = AtomicBool::new(false);
+    let issuer = || async {
+        let mut issued = Vec::new();
+        while !done.load(Ordering::Relaxed) {
+            let res = app
+                .post(&s.owner, &tokens, json!({"plan_id": s.plan_id}))
+                .await;
+            match res.status().as_u16() {
+                201 => {
+                    let body: Value = res.json().await.unwrap();
+                    issued.push(body["token_id"].as_str().unwrap().to_owned());
+                }
+                404 | 409 | 422 => {}
+                other => panic!("{other}"),
+            }
+        }
+        issued
+    };
+    let delete = async {
+        // Let the issuers get going first.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let first = app.delete(&s.owner, &site).await.status().as_u16();
+        done.store(true, Ordering::Relaxed);
+        first
+    };
+    let (first, issued) = tokio::join!(
+        delete,
+        futures_util::future::join_all((0..8).map(|_| issuer()))
+    );
+    let second = match first {
+        204 => None,
+        409 => Some(app.delete(&s.owner, &site).await.status().as_u16()),
+        other => panic!("the deletion answered {other}"),
+    };
+    assert!(
+        matches!(second, None | Some(204)),
+        "{first} then {second:?}"
+    );
+    let store = app.local.state.store();
+    let issued: Vec<String> = issued.into_iter().flatten().collect();
+    assert!(!issued.is_empty());
+    for id in &issued {
+        let t = store.get_token(&s.site_id, id).await.unwrap().unwrap();
+        assert!(t.revoked_at.is_some(), "{id} still active");
     }
 }
 

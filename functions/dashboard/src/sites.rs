@@ -179,7 +179,7 @@ pub(super) async fn update_site(
     Ok(json(StatusCode::OK, &site_view(&site)))
 }
 
-/// Delete a site: revoke its tokens and API keys, delete its plans, then the site
+/// Delete a site: revoke its API keys and tokens, delete its plans, then the site
 /// itself with its quota events; in that order, so a failure part-way leaves the
 /// site in place, with what was revoked so far, for a retry. Its audit records stay
 /// until they expire.
@@ -188,35 +188,28 @@ pub(super) async fn delete_site(
     Extension(p): P,
     ApiPath(site_id): ApiPath<String>,
 ) -> ApiResult {
-    use futures_util::{StreamExt, TryStreamExt};
     let site = managed_site(&st, &p, &site_id).await?;
     let (store, now) = (st.store(), now_ms() / 1000);
-    each_token_page(&st, &site_id, None, usize::MAX, |tokens| async {
-        let active = tokens.into_iter().filter(|t| t.revoked_at.is_none());
-        futures_util::stream::iter(active)
-            .map(|t| {
-                let (store, site_id) = (store.clone(), site_id.clone());
-                async move { store.revoke_token(&site_id, &t.token_id, now).await }
-            })
-            .buffer_unordered(16)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(())
-    })
-    .await?;
     for key in store.list_keys(&site_id).await? {
         if key.revoked_at.is_none() {
             store.revoke_key(&site_id, &key.key_id, now).await?;
             st.gateway.invalidate_key(&key.key_hash);
         }
     }
-    for plan in store.list_plans(&site_id).await? {
-        // A token issued meanwhile (after its site's were listed) keeps its plan.
-        if let PlanDeletion::InUse(_) = store.delete_plan(&site_id, &plan.plan_id).await? {
+    // A plan a token is still active on stays: one issued after the site's tokens
+    // were listed (or not yet in the list DynamoDB's index reads). Those are revoked
+    // in another pass, a little later; after three, the deletion is refused.
+    for pass in 1.. {
+        revoke_tokens(&st, &site_id, now).await?;
+        if delete_plans(&st, &site_id).await? {
+            break;
+        }
+        if pass == 3 {
             return Err(ApiError::Conflict(
-                "a token was issued on the site meanwhile: delete the site again".into(),
+                "tokens are being issued on the site meanwhile: delete it again".into(),
             ));
         }
+        tokio::time::sleep(std::time::Duration::from_millis(50 * pass)).await;
     }
     if !store.delete_site(&site_id).await? {
         return Err(not_found("site"));
@@ -224,6 +217,34 @@ pub(super) async fn delete_site(
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "site.delete", &site, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Revoke every active token of the site, 16 at a time.
+async fn revoke_tokens(st: &AppState, site_id: &str, now: u64) -> Result<(), ApiError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let store = st.store();
+    each_token_page(st, site_id, None, usize::MAX, |tokens| async {
+        let active = tokens.into_iter().filter(|t| t.revoked_at.is_none());
+        futures_util::stream::iter(active)
+            .map(|t| async move { store.revoke_token(site_id, &t.token_id, now).await })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    })
+    .await
+    .map(drop)
+}
+
+/// Delete every plan of the site; `false` if an active token kept one.
+async fn delete_plans(st: &AppState, site_id: &str) -> Result<bool, ApiError> {
+    let store = st.store();
+    let mut all = true;
+    for plan in store.list_plans(site_id).await? {
+        let deleted = store.delete_plan(site_id, &plan.plan_id).await?;
+        all &= !matches!(deleted, PlanDeletion::InUse(_));
+    }
+    Ok(all)
 }
 
 #[derive(Deserialize, Default)]
