@@ -176,19 +176,16 @@ pub(super) async fn delete_plan(
     ApiPath((site_id, plan_id)): ApiPath<(String, String)>,
 ) -> ApiResult {
     let site = managed_site(&st, &p, &site_id).await?;
-    deleted_plan(st.store().delete_plan(&site_id, &plan_id).await?)?;
+    match st.store().delete_plan(&site_id, &plan_id).await? {
+        PlanDeletion::Deleted => {}
+        PlanDeletion::NotFound => return Err(not_found("plan")),
+        PlanDeletion::InUse(active) => {
+            return Err(ApiError::Conflict(format!(
+                "{active} active token(s) use this plan: move them to another plan or revoke them first"
+            )))
+        }
+    }
     st.gateway.invalidate_site(&site_id);
     trail(&st, &p, "plan.delete", &site, Some(&plan_id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// A plan deletion's outcome as the dashboard answers it.
-pub(super) fn deleted_plan(outcome: PlanDeletion) -> Result<(), ApiError> {
-    match outcome {
-        PlanDeletion::Deleted => Ok(()),
-        PlanDeletion::NotFound => Err(not_found("plan")),
-        PlanDeletion::InUse(active) => Err(ApiError::Conflict(format!(
-            "{active} active token(s) use this plan: move them to another plan or revoke them first"
-        ))),
-    }
 }
