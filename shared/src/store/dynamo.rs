@@ -559,15 +559,24 @@ impl DynamoStore {
     }
 
     /// A transaction item adding `by` to the count of active tokens on a plan, on
-    /// the condition that the plan exists.
+    /// the condition that the plan exists and, to take a token off, that its count
+    /// is above zero: a plan written before plans counted their tokens has no
+    /// count, and its older tokens leaving it do not drive one below zero.
     fn count_on_plan(&self, site_id: &str, plan_id: &str, by: i64) -> Result<TransactWriteItem> {
+        let mut values = Item::from([(":by".into(), n(by))]);
+        let condition = if by < 0 {
+            values.insert(":zero".into(), n(0));
+            "attribute_exists(pk) AND #n > :zero"
+        } else {
+            "attribute_exists(pk)"
+        };
         let update = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&*self.table)
             .set_key(Some(plan_key(site_id, plan_id)))
             .update_expression("ADD #n :by")
-            .condition_expression("attribute_exists(pk)")
+            .condition_expression(condition)
             .expression_attribute_names("#n", ACTIVE_TOKENS)
-            .expression_attribute_values(":by", n(by))
+            .set_expression_attribute_values(Some(values))
             .build()
             .map_err(unavailable)?;
         Ok(TransactWriteItem::builder().update(update).build())
@@ -1334,7 +1343,8 @@ impl DynamoStore {
     /// counts of active tokens on the plans follow (an active token counts on its
     /// plan). `Changed` if the record changed meanwhile; `Missing("plan")` if `now` is
     /// active on a plan that does not exist. A plan the token leaves that no longer
-    /// exists (deleted under its tokens before plans counted them) is left alone.
+    /// exists, or has no count above zero (both only with data from before plans
+    /// counted their tokens), is left alone.
     async fn write_token(&self, stored: Item, now: &Token, expires_at: Option<u64>) -> Result<()> {
         let was: Token = data(&stored)?;
         let counted = |t: &Token| t.revoked_at.is_none().then(|| t.plan_id.clone());
@@ -1911,7 +1921,8 @@ mod tests {
 
     /// Data written before plans counted their tokens: a token left on a deleted
     /// plan is still revoked or moved (no stray plan item is made for the count),
-    /// and a plan without a count starts counting at the next token.
+    /// and a plan without a count starts counting at the next token, its older
+    /// tokens leaving it never taking the count below zero.
     #[tokio::test]
     async fn tokens_and_plans_from_before_the_count() {
         let Some(store) = test_store().await else {
@@ -1935,8 +1946,8 @@ mod tests {
             created_at: 1,
             revoked_at: None,
         };
-        let (orphan, moved) = (legacy(gone), legacy(gone));
-        for t in [&orphan, &moved] {
+        let (orphan, moved, older) = (legacy(gone), legacy(gone), legacy(&old.plan_id));
+        for t in [&orphan, &moved, &older] {
             let mut hash = key(format!("TOKENHASH#{}", t.token_hash), "TOKENHASH");
             hash.insert("token_id".into(), s(&t.token_id));
             hash.insert("site_id".into(), s(site_id));
@@ -1947,6 +1958,9 @@ mod tests {
             }
         }
         let revoked = store.revoke_token(site_id, &orphan.token_id, 5).await;
+        assert_eq!(revoked.unwrap().unwrap().revoked_at, Some(5));
+        // An uncounted token leaving the plan without a count takes nothing off.
+        let revoked = store.revoke_token(site_id, &older.token_id, 5).await;
         assert_eq!(revoked.unwrap().unwrap().revoked_at, Some(5));
         let to_old = Token {
             plan_id: old.plan_id.clone(),
