@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,14 +16,20 @@ use common::*;
 use payfence_local::Local;
 use serde_json::{json, Value};
 
+/// Answers a request to the DynamoDB server in its place (given the operation and
+/// the request's JSON), or `None` to let it through.
+type Intercept = Arc<dyn Fn(&str, &Value) -> Option<axum::response::Response> + Send + Sync>;
+
 /// An HTTP forwarder in front of the DynamoDB server that records, per request,
-/// the operation and the kind of item (`UpdateItem TOKEN`, `BatchWriteItem -`, …).
-async fn counting_forwarder(target: String) -> (String, Arc<Mutex<Vec<String>>>) {
+/// the operation and the kind of item (`UpdateItem TOKEN`, `BatchWriteItem -`, …),
+/// and forwards it unless `intercept` answers it.
+async fn forwarder(target: String, intercept: Intercept) -> (String, Arc<Mutex<Vec<String>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let app = Router::new().fallback(move |req: Request| {
         let (seen, http, target) = (seen2.clone(), http.clone(), target.clone());
+        let intercept = intercept.clone();
         async move {
             let (parts, body) = req.into_parts();
             let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
@@ -40,6 +47,9 @@ async fn counting_forwarder(target: String) -> (String, Arc<Mutex<Vec<String>>>)
                 .unwrap_or("-")
                 .to_owned();
             seen.lock().unwrap().push(format!("{op} {kind}"));
+            if let Some(answer) = intercept(&op, &json) {
+                return answer;
+            }
             let mut out = http.request(parts.method, format!("{target}{}", parts.uri.path()));
             for (k, v) in &parts.headers {
                 if k != "host" && k != "content-length" {
@@ -72,7 +82,7 @@ async fn one_conditional_update_per_decision_and_no_reads() {
     let Some(endpoint) = dynamodb_endpoint() else {
         return;
     };
-    let (forwarder, seen) = counting_forwarder(endpoint).await;
+    let (forwarder, seen) = forwarder(endpoint, Arc::new(|_, _| None)).await;
     let dir = tempfile::tempdir().unwrap();
     let local = Local::open_dynamodb(
         dir.path(),
@@ -141,6 +151,87 @@ async fn one_conditional_update_per_decision_and_no_reads() {
         2 + decisions,
         "every decision audited"
     );
+}
+
+/// DynamoDB's answer to a transaction cancelled because another transaction held
+/// one of its items: here the one that updates (a plan's count of active tokens).
+fn transaction_conflict(request: &Value) -> axum::response::Response {
+    let reasons: Vec<Value> = (request["TransactItems"].as_array().unwrap().iter())
+        .map(|item| match item.get("Update") {
+            Some(_) => json!({"Code": "TransactionConflict",
+                              "Message": "Transaction is ongoing for the item"}),
+            None => json!({"Code": "None"}),
+        })
+        .collect();
+    let body = json!({
+        "__type": "com.amazonaws.dynamodb.v20120810#TransactionCanceledException",
+        "Message": "Transaction cancelled, please refer cancellation reasons for specific reasons",
+        "CancellationReasons": reasons,
+    });
+    let mut answer = (http::StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    let json_1_0 = http::HeaderValue::from_static("application/x-amz-json-1.0");
+    answer.headers_mut().insert("content-type", json_1_0);
+    answer
+}
+
+/// A token transaction that DynamoDB cancels because another one held the plan
+/// item (as when a site's tokens are revoked 16 at a time) is sent again, up to 8
+/// times; past that the dashboard answers 503 and nothing was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_transactions_cancelled_by_a_conflict_are_sent_again() {
+    let Some(endpoint) = dynamodb_endpoint() else {
+        return;
+    };
+    // How many of the next TransactWriteItems calls DynamoDB cancels.
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let to_cancel = conflicts.clone();
+    let intercept: Intercept = Arc::new(move |op, request| {
+        let cancel = op == "TransactWriteItems"
+            && (to_cancel.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok();
+        cancel.then(|| transaction_conflict(request))
+    });
+    let (forwarder, seen) = forwarder(endpoint, intercept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique_table("conflicts");
+    let local = Local::open_dynamodb(dir.path(), test_config(), &table, Some(&forwarder))
+        .await
+        .unwrap();
+    let app = spawn_local(local, dir).await;
+    let s = app.setup(600, 1000).await;
+    let tokens = format!("/api/sites/{}/tokens", s.site_id);
+    let plan = format!("/api/sites/{}/plans/{}", s.site_id, s.plan_id);
+    let transactions = || count(&seen.lock().unwrap(), "TransactWriteItems -");
+
+    // Issued on the fourth attempt, and counted on its plan once.
+    conflicts.store(3, SeqCst);
+    let before = transactions();
+    let (token_id, token) = app.create_token(&s.owner, &s.site_id, &s.plan_id).await;
+    assert_eq!(transactions() - before, 4);
+    assert_eq!(app.proxy_get(&s.site_id, "/", &token).await.status(), 200);
+    let res = app.delete(&s.owner, &plan).await;
+    assert_eq!(res.status(), 409);
+    let detail = res.json::<Value>().await.unwrap()["detail"].to_string();
+    assert!(detail.contains("2 active token(s)"), "{detail}");
+
+    // Cancelled 8 times: given up, and no token issued.
+    conflicts.store(8, SeqCst);
+    let before = transactions();
+    let res = app
+        .post(&s.owner, &tokens, json!({"plan_id": s.plan_id}))
+        .await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(transactions() - before, 8);
+    let listed = app.get_json(&s.owner, &tokens).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2);
+
+    // Revocations go through on a later attempt too, each taken off the count once.
+    for id in [&token_id, &s.token_id] {
+        conflicts.store(2, SeqCst);
+        let res = app.delete(&s.owner, &format!("{tokens}/{id}")).await;
+        assert_eq!(res.status(), 204);
+    }
+    assert_eq!(conflicts.load(SeqCst), 0);
+    assert_eq!(app.delete(&s.owner, &plan).await.status(), 204);
 }
 
 /// Two gateway processes on one table, as Lambda runs them: a token moved to another
