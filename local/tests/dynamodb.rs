@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,8 @@ use axum::extract::Request;
 use axum::response::IntoResponse;
 use axum::Router;
 use common::*;
+use payfence_core::store::dynamo::DynamoStore;
+use payfence_core::store::EventStore;
 use payfence_local::Local;
 use serde_json::{json, Value};
 
@@ -234,6 +237,110 @@ async fn token_transactions_cancelled_by_a_conflict_are_sent_again() {
     assert_eq!(app.delete(&s.owner, &plan).await.status(), 204);
 }
 
+/// DynamoDB's answer to a batch it processed none of (as when it throttles): every
+/// key asked for comes back unprocessed, or every write request.
+fn nothing_processed(op: &str, request: &Value) -> axum::response::Response {
+    let body = match op {
+        "BatchGetItem" => json!({"Responses": {}, "UnprocessedKeys": request["RequestItems"]}),
+        _ => json!({"UnprocessedItems": request["RequestItems"]}),
+    };
+    let mut answer = (http::StatusCode::OK, body.to_string()).into_response();
+    let json_1_0 = http::HeaderValue::from_static("application/x-amz-json-1.0");
+    answer.headers_mut().insert("content-type", json_1_0);
+    answer
+}
+
+/// What a batch asks of DynamoDB: `BatchGetItem`, or the kind of the first write
+/// request of a `BatchWriteItem` (`PutRequest`: audit records; `DeleteRequest`: a
+/// site's quota events).
+fn batch_kind(op: &str, request: &Value) -> Option<String> {
+    match op {
+        "BatchGetItem" => Some(op.into()),
+        "BatchWriteItem" => {
+            let items = request["RequestItems"].as_object()?.values().next()?;
+            items[0].as_object()?.keys().next().cloned()
+        }
+        _ => None,
+    }
+}
+
+/// What DynamoDB leaves unprocessed in a batch (usage reads, audit writes, the
+/// deletion of a site's quota events) is sent again, and the whole batch lands;
+/// usage reads or deletes left unprocessed 5 times in a row are a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_left_unprocessed_are_sent_again() {
+    let Some(endpoint) = dynamodb_endpoint() else {
+        return;
+    };
+    // How many of the next batches of each kind DynamoDB processes none of.
+    let throttled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let to_throttle = throttled.clone();
+    let intercept: Intercept = Arc::new(move |op, request| {
+        let kind = batch_kind(op, request)?;
+        let mut left = to_throttle.lock().unwrap();
+        let n = left.get_mut(&kind).filter(|n| **n > 0)?;
+        *n -= 1;
+        Some(nothing_processed(op, request))
+    });
+    let (forwarder, seen) = forwarder(endpoint.clone(), intercept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique_table("unprocessed");
+    let local = Local::open_dynamodb(dir.path(), test_config(), &table, Some(&forwarder))
+        .await
+        .unwrap();
+    let app = spawn_local(local, dir).await;
+    let s = app.setup(600, 5).await;
+    let throttle = |kind: &str, n: usize| throttled.lock().unwrap().insert(kind.into(), n);
+    let calls = |what: &str| count(&seen.lock().unwrap(), what);
+
+    // Audit records: the first two batches come back whole; each record lands once.
+    throttle("PutRequest", 2);
+    for i in 0..4 {
+        let res = app
+            .proxy_get(&s.site_id, &format!("/r/{i}"), &s.token)
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    let logs = app.logs(&s.owner, &s.site_id, "limit=100").await;
+    let paths: Vec<&str> = (logs["items"].as_array().unwrap().iter())
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/r/3", "/r/2", "/r/1", "/r/0"]);
+    assert_eq!(throttled.lock().unwrap()["PutRequest"], 0);
+
+    // Usage reads: asked for again; 5 times unprocessed is a 503.
+    let tokens = format!("/api/sites/{}/tokens", s.site_id);
+    throttle("BatchGetItem", 3);
+    let before = calls("BatchGetItem -");
+    let listed = app.get_json(&s.owner, &tokens).await;
+    assert_eq!(listed["items"][0]["usage"]["used"], 4);
+    assert_eq!(calls("BatchGetItem -") - before, 4);
+    throttle("BatchGetItem", 5);
+    assert_eq!(app.get(&s.owner, &tokens).await.status(), 503);
+    throttle("BatchGetItem", 0);
+
+    // The 80 % event, deleted with the site. Left unprocessed 5 times in a row, the
+    // deletion is a 503 that leaves the site (and its event) for a retry; sent again
+    // after fewer, it goes through.
+    let (site, events) = (
+        format!("/api/sites/{}", s.site_id),
+        format!("/api/sites/{}/events", s.site_id),
+    );
+    let listed = app.get_json(&s.owner, &events).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    throttle("DeleteRequest", 5);
+    assert_eq!(app.delete(&s.owner, &site).await.status(), 503);
+    assert_eq!(app.get(&s.owner, &site).await.status(), 200);
+    let listed = app.get_json(&s.owner, &events).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    throttle("DeleteRequest", 2);
+    assert_eq!(app.delete(&s.owner, &site).await.status(), 204);
+    assert_eq!(throttled.lock().unwrap()["DeleteRequest"], 0);
+    let store = DynamoStore::connect(&table, Some(&endpoint)).await;
+    let left = store.list_events(&s.site_id, 100, None).await.unwrap();
+    assert!(left.items.is_empty(), "{:?}", left.items);
+}
+
 /// Two gateway processes on one table, as Lambda runs them: a token moved to another
 /// plan through one is on that plan in the other once its cache entry expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -374,7 +481,7 @@ async fn fails_closed_while_dynamodb_is_down_and_recovers_without_restart() {
     // The server comes back (empty: moto keeps its data in memory). The same
     // PayFence process, not restarted, serves again once the table exists.
     let _moto = start_moto(port);
-    payfence_core::store::dynamo::DynamoStore::connect(&table, Some(&endpoint))
+    DynamoStore::connect(&table, Some(&endpoint))
         .await
         .ensure_table()
         .await
