@@ -80,22 +80,36 @@ fn count(seen: &[String], what: &str) -> usize {
     seen.iter().filter(|s| s.as_str() == what).count()
 }
 
+/// A local server on a new table (named from `prefix`) of the DynamoDB server at
+/// `endpoint`, reaching it through a [`forwarder`] with `intercept`: the app, the
+/// calls seen, and the table.
+async fn app_behind_forwarder(
+    endpoint: String,
+    prefix: &str,
+    intercept: Intercept,
+) -> (App, Arc<Mutex<Vec<String>>>, String) {
+    let (forwarder, seen) = forwarder(endpoint, intercept).await;
+    let (dir, table) = (tempfile::tempdir().unwrap(), unique_table(prefix));
+    let local = Local::open_dynamodb(dir.path(), test_config(), &table, Some(&forwarder))
+        .await
+        .unwrap();
+    (spawn_local(local, dir).await, seen, table)
+}
+
+/// An answer of DynamoDB's (JSON 1.0).
+fn dynamodb_answer(status: http::StatusCode, body: Value) -> axum::response::Response {
+    let mut answer = (status, body.to_string()).into_response();
+    let json_1_0 = http::HeaderValue::from_static("application/x-amz-json-1.0");
+    answer.headers_mut().insert("content-type", json_1_0);
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_conditional_update_per_decision_and_no_reads() {
     let Some(endpoint) = dynamodb_endpoint() else {
         return;
     };
-    let (forwarder, seen) = forwarder(endpoint, Arc::new(|_, _| None)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let local = Local::open_dynamodb(
-        dir.path(),
-        test_config(),
-        &unique_table("trips"),
-        Some(&forwarder),
-    )
-    .await
-    .unwrap();
-    let app = spawn_local(local, dir).await;
+    let (app, seen, _) = app_behind_forwarder(endpoint, "trips", Arc::new(|_, _| None)).await;
     let s = app.setup(10_000, 1_000_000).await;
     let key = app.create_key(&s.owner, &s.site_id).await;
     let authorize = |token: String| {
@@ -171,10 +185,7 @@ fn transaction_conflict(request: &Value) -> axum::response::Response {
         "Message": "Transaction cancelled, please refer cancellation reasons for specific reasons",
         "CancellationReasons": reasons,
     });
-    let mut answer = (http::StatusCode::BAD_REQUEST, body.to_string()).into_response();
-    let json_1_0 = http::HeaderValue::from_static("application/x-amz-json-1.0");
-    answer.headers_mut().insert("content-type", json_1_0);
-    answer
+    dynamodb_answer(http::StatusCode::BAD_REQUEST, body)
 }
 
 /// A token transaction that DynamoDB cancels because another one held the plan
@@ -193,13 +204,7 @@ async fn token_transactions_cancelled_by_a_conflict_are_sent_again() {
             && (to_cancel.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok();
         cancel.then(|| transaction_conflict(request))
     });
-    let (forwarder, seen) = forwarder(endpoint, intercept).await;
-    let dir = tempfile::tempdir().unwrap();
-    let table = unique_table("conflicts");
-    let local = Local::open_dynamodb(dir.path(), test_config(), &table, Some(&forwarder))
-        .await
-        .unwrap();
-    let app = spawn_local(local, dir).await;
+    let (app, seen, _) = app_behind_forwarder(endpoint, "conflicts", intercept).await;
     let s = app.setup(600, 1000).await;
     let tokens = format!("/api/sites/{}/tokens", s.site_id);
     let plan = format!("/api/sites/{}/plans/{}", s.site_id, s.plan_id);
@@ -244,10 +249,7 @@ fn nothing_processed(op: &str, request: &Value) -> axum::response::Response {
         "BatchGetItem" => json!({"Responses": {}, "UnprocessedKeys": request["RequestItems"]}),
         _ => json!({"UnprocessedItems": request["RequestItems"]}),
     };
-    let mut answer = (http::StatusCode::OK, body.to_string()).into_response();
-    let json_1_0 = http::HeaderValue::from_static("application/x-amz-json-1.0");
-    answer.headers_mut().insert("content-type", json_1_0);
-    answer
+    dynamodb_answer(http::StatusCode::OK, body)
 }
 
 /// What a batch asks of DynamoDB: `BatchGetItem`, or the kind of the first write
@@ -282,13 +284,7 @@ async fn batches_left_unprocessed_are_sent_again() {
         *n -= 1;
         Some(nothing_processed(op, request))
     });
-    let (forwarder, seen) = forwarder(endpoint.clone(), intercept).await;
-    let dir = tempfile::tempdir().unwrap();
-    let table = unique_table("unprocessed");
-    let local = Local::open_dynamodb(dir.path(), test_config(), &table, Some(&forwarder))
-        .await
-        .unwrap();
-    let app = spawn_local(local, dir).await;
+    let (app, seen, table) = app_behind_forwarder(endpoint.clone(), "unprocessed", intercept).await;
     let s = app.setup(600, 5).await;
     let throttle = |kind: &str, n: usize| throttled.lock().unwrap().insert(kind.into(), n);
     let calls = |what: &str| count(&seen.lock().unwrap(), what);
