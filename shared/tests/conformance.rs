@@ -812,6 +812,68 @@ async fn plan_deletion_races_token_issue(store: Arc<dyn Store>) {
     }
 }
 
+/// A token revoked while it is moved to another plan: the revocation always goes
+/// through, on whichever plan the token is by then; the move either comes first or
+/// is refused as `Changed`; and each plan's count of active tokens ends at zero.
+async fn revocation_races_a_move(store: Arc<dyn Store>) {
+    let s = site("o");
+    store.create_site(&s).await.unwrap();
+    let (a, b) = (plan(&s.site_id, 60, 1000), plan(&s.site_id, 60, 1000));
+    for p in [&a, &b] {
+        store.create_plan(p).await.unwrap();
+    }
+    let mut moved_first = 0;
+    for round in 0..40 {
+        let t = token(&s.site_id, &a.plan_id, None);
+        store.create_token(&t).await.unwrap();
+        let to_b = Token {
+            plan_id: b.plan_id.clone(),
+            ..t.clone()
+        };
+        // One or the other sent a little later, by 0 to 5.7 ms in steps of 0.3 ms (finer
+        // than a timer's millisecond): the revocation's read and write of the record
+        // sometimes straddle the move.
+        let later = |by: u64| async move {
+            let until = std::time::Instant::now() + std::time::Duration::from_micros(by);
+            while std::time::Instant::now() < until {
+                tokio::task::yield_now().await;
+            }
+        };
+        let lag = round / 2 * 300;
+        let (move_lag, revoke_lag) = if round % 2 == 0 { (0, lag) } else { (lag, 0) };
+        let moving = async {
+            later(move_lag).await;
+            store.update_token(&t, &to_b).await
+        };
+        let revoke = async {
+            later(revoke_lag).await;
+            store.revoke_token(&t.site_id, &t.token_id, 9).await
+        };
+        let (moved, revoked) = tokio::join!(moving, revoke);
+        let revoked = (revoked.unwrap_or_else(|e| panic!("round {round}: not revoked: {e}")))
+            .expect("the token exists");
+        assert_eq!(revoked.revoked_at, Some(9), "round {round}");
+        match moved {
+            Ok(()) => {
+                moved_first += 1;
+                assert_eq!(
+                    revoked.plan_id, b.plan_id,
+                    "round {round}: revoked on its new plan"
+                );
+            }
+            Err(StoreError::Changed(_)) => assert_eq!(revoked.plan_id, a.plan_id),
+            Err(e) => panic!("round {round}: {e}"),
+        }
+        let stored = store.get_token(&s.site_id, &t.token_id).await.unwrap();
+        assert_eq!(stored, Some(revoked), "round {round}");
+    }
+    assert!(moved_first > 0, "the move came first in no round");
+    for p in [&a, &b] {
+        let deleted = store.delete_plan(&s.site_id, &p.plan_id).await.unwrap();
+        assert_eq!(deleted, PlanDeletion::Deleted, "a count left above zero");
+    }
+}
+
 /// A key's label changes only over the key as read: never over a revocation.
 async fn key_updates(store: Arc<dyn Store>) {
     let s = site("o");
@@ -1251,6 +1313,7 @@ conformance!(
     token_updates,
     plans_are_deleted_only_without_active_tokens,
     plan_deletion_races_token_issue,
+    revocation_races_a_move,
     key_updates,
     usage_of_many_tokens_at_once,
     sliding_window_matches_the_pure_model,
