@@ -337,6 +337,41 @@ async fn batches_left_unprocessed_are_sent_again() {
     assert!(left.items.is_empty(), "{:?}", left.items);
 }
 
+/// An audit record whose write fails, past the SDK's own 3 attempts, is written
+/// again, and lands once: a decision's record is never lost to an error of
+/// DynamoDB's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_writes_that_fail_are_sent_again() {
+    let Some(endpoint) = dynamodb_endpoint() else {
+        return;
+    };
+    // How many of the next audit writes DynamoDB fails (500).
+    let failing = Arc::new(AtomicUsize::new(0));
+    let to_fail = failing.clone();
+    let intercept: Intercept = Arc::new(move |op, request| {
+        let audit = batch_kind(op, request).as_deref() == Some("PutRequest");
+        let fail = audit && (to_fail.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok();
+        let error = json!({"__type": "com.amazonaws.dynamodb.v20120810#InternalServerError",
+                           "message": "Internal server error"});
+        fail.then(|| dynamodb_answer(http::StatusCode::INTERNAL_SERVER_ERROR, error))
+    });
+    let (app, seen, _) = app_behind_forwarder(endpoint, "auditfail", intercept).await;
+    let s = app.setup(600, 1000).await;
+    // The SDK's 3 attempts of the first write, then 2 of the second.
+    failing.store(5, SeqCst);
+    assert_eq!(
+        app.proxy_get(&s.site_id, "/once", &s.token).await.status(),
+        200
+    );
+    let logs = app.logs(&s.owner, &s.site_id, "limit=100").await;
+    let paths: Vec<&str> = (logs["items"].as_array().unwrap().iter())
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/once"]);
+    assert_eq!(failing.load(SeqCst), 0);
+    assert_eq!(count(&seen.lock().unwrap(), "BatchWriteItem -"), 6);
+}
+
 /// Two gateway processes on one table, as Lambda runs them: a token moved to another
 /// plan through one is on that plan in the other once its cache entry expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
