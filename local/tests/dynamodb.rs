@@ -96,6 +96,21 @@ async fn app_behind_forwarder(
     (spawn_local(local, dir).await, seen, table)
 }
 
+/// An [`Intercept`] that gives `answer` to the next calls that `matches`, as many
+/// as the count it returns holds (0 at first; set it), and lets the others through.
+fn countdown(
+    matches: impl Fn(&str, &Value) -> bool + Send + Sync + 'static,
+    answer: fn(&Value) -> axum::response::Response,
+) -> (Intercept, Arc<AtomicUsize>) {
+    let left = Arc::new(AtomicUsize::new(0));
+    let count = left.clone();
+    let intercept: Intercept = Arc::new(move |op, request| {
+        let take = || (left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok();
+        (matches(op, request) && take()).then(|| answer(request))
+    });
+    (intercept, count)
+}
+
 /// An answer of DynamoDB's (JSON 1.0).
 fn dynamodb_answer(status: http::StatusCode, body: Value) -> axum::response::Response {
     let mut answer = (status, body.to_string()).into_response();
@@ -197,13 +212,8 @@ async fn token_transactions_cancelled_by_a_conflict_are_sent_again() {
         return;
     };
     // How many of the next TransactWriteItems calls DynamoDB cancels.
-    let conflicts = Arc::new(AtomicUsize::new(0));
-    let to_cancel = conflicts.clone();
-    let intercept: Intercept = Arc::new(move |op, request| {
-        let cancel = op == "TransactWriteItems"
-            && (to_cancel.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok();
-        cancel.then(|| transaction_conflict(request))
-    });
+    let (intercept, conflicts) =
+        countdown(|op, _| op == "TransactWriteItems", transaction_conflict);
     let (app, seen, _) = app_behind_forwarder(endpoint, "conflicts", intercept).await;
     let s = app.setup(600, 1000).await;
     let tokens = format!("/api/sites/{}/tokens", s.site_id);
@@ -346,14 +356,12 @@ async fn audit_writes_that_fail_are_sent_again() {
         return;
     };
     // How many of the next audit writes DynamoDB fails (500).
-    let failing = Arc::new(AtomicUsize::new(0));
-    let to_fail = failing.clone();
-    let intercept: Intercept = Arc::new(move |op, request| {
-        let audit = batch_kind(op, request).as_deref() == Some("PutRequest");
-        let fail = audit && (to_fail.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))).is_ok();
+    let audit =
+        |op: &str, request: &Value| batch_kind(op, request).as_deref() == Some("PutRequest");
+    let (intercept, failing) = countdown(audit, |_| {
         let error = json!({"__type": "com.amazonaws.dynamodb.v20120810#InternalServerError",
                            "message": "Internal server error"});
-        fail.then(|| dynamodb_answer(http::StatusCode::INTERNAL_SERVER_ERROR, error))
+        dynamodb_answer(http::StatusCode::INTERNAL_SERVER_ERROR, error)
     });
     let (app, seen, _) = app_behind_forwarder(endpoint, "auditfail", intercept).await;
     let s = app.setup(600, 1000).await;
