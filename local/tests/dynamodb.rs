@@ -355,9 +355,9 @@ async fn audit_writes_that_fail_are_sent_again() {
     let Some(endpoint) = dynamodb_endpoint() else {
         return;
     };
-    // How many of the next audit writes DynamoDB fails (500).
     let audit =
         |op: &str, request: &Value| batch_kind(op, request).as_deref() == Some("PutRequest");
+    // How many of the next audit writes DynamoDB fails (500).
     let (intercept, failing) = countdown(audit, |_| {
         let error = json!({"__type": "com.amazonaws.dynamodb.v20120810#InternalServerError",
                            "message": "Internal server error"});
