@@ -2,7 +2,8 @@
 # Load the running local server with wrk; compare with the origin directly and with
 # nginx proxy_pass. Needs: wrk, nginx (Debian packages), curl, python3.
 #   bash bench/run.sh            # results to stdout; see docs/performance.md
-# Options (environment): DUR=10s per run; CONNS="32 64"; ONLY="authorize proxy direct nginx";
+# Options (environment): DUR=10s per run; CONNS="32 64"; ONLY="authorize proxy direct nginx"
+# (add "bare" for a baseline: local/examples/bare_forwarder.rs, PayFence's HTTP shape with nothing else);
 # PROFILE=release (PROFILE=profiling keeps symbols for perf); UPLOAD=1 (the 1 GiB RSS check);
 # BIN=path/to/payfence-local (a binary built elsewhere, e.g. to compare two commits; build the
 # other commit in a git worktree with its own CARGO_TARGET_DIR: cargo fingerprints workspace
@@ -28,9 +29,13 @@ if [ -z "${BIN:-}" ]; then
   cargo build --profile "$PROFILE" -q -p payfence-local
   BIN="$CARGO_TARGET_DIR/$PROFILE/payfence-local"
 fi
+if [[ " $ONLY " == *" bare "* ]]; then
+  cargo build --profile "$PROFILE" -q -p payfence-local --example bare_forwarder
+fi
 WORK=$(mktemp -d)
-PF=127.0.0.1:18787; ORIGIN=127.0.0.1:18081; NGINX_PROXY=127.0.0.1:18082
-cleanup() { kill "$PF_PID" 2>/dev/null || true; nginx -p "$WORK" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$WORK"; }
+PF=127.0.0.1:18787; ORIGIN=127.0.0.1:18081; NGINX_PROXY=127.0.0.1:18082; BARE=127.0.0.1:18083
+PF_PID= BARE_PID=
+cleanup() { kill "$PF_PID" $BARE_PID 2>/dev/null || true; nginx -p "$WORK" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 # The origin (nginx answering "ok"), and nginx proxy_pass to it for comparison.
@@ -54,6 +59,10 @@ nginx -p "$WORK" -c nginx.conf
 
 "$BIN" --listen $PF --data-dir "$WORK/data" --allow-http-origins >"$WORK/pf.out" 2>/dev/null &
 PF_PID=$!
+if [[ " $ONLY " == *" bare "* ]]; then
+  "$CARGO_TARGET_DIR/$PROFILE/examples/bare_forwarder" $BARE "http://$ORIGIN" >/dev/null &
+  BARE_PID=$!
+fi
 echo "payfence-local pid $PF_PID" >&2
 for _ in $(seq 100); do grep -q "PayFence listening" "$WORK/pf.out" 2>/dev/null && break; sleep 0.1; done
 
@@ -86,24 +95,26 @@ if os.getenv("PAUSE") then dofile("$WORK/pause.lua") end
 LUA
 echo "delay = function() return math.random(0, 2 * $PAUSE_MS) end" > "$WORK/pause.lua"
 
-# CPU time (user + system) of the payfence-local process, in clock ticks.
-ticks() { awk '{print $14 + $15}' /proc/$PF_PID/stat; }
+# CPU time (user + system) of a process (payfence-local unless named), in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/${1:-$PF_PID}/stat"; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 # Every target gets its requests from the same script (a random token each), so that
 # wrk's own work per request, which shares the two cores, is the same in every run.
 run() { # key name url conns
   local key=$1; shift
-  local out t0 cpu=-
-  t0=$(ticks)
+  local out t0 cpu=- pid=$PF_PID
+  if [ "$key" = bare ]; then pid=$BARE_PID; fi
+  t0=$(ticks "$pid")
   out=$(MODE=$key wrk -t2 -c"$3" -d"$DUR" --latency -s "$WORK/tokens.lua" "$2")
   local rps p50 p99 non2xx
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  # PayFence's own CPU per request: steadier than req/s on a shared, noisy machine.
-  if [ "$key" = authorize ] || [ "$key" = proxy ]; then
-    cpu=$(echo "$out" | awk -v t="$(( $(ticks) - t0 ))" -v us="$TICK_US" '/^ +[0-9]+ requests in/ {printf "%.1f", t * us / $1}')
+  # PayFence's own CPU per request (the bare forwarder's, on its row): steadier than
+  # req/s on a shared, noisy machine.
+  if [ "$key" = authorize ] || [ "$key" = proxy ] || [ "$key" = bare ]; then
+    cpu=$(echo "$out" | awk -v t="$(( $(ticks "$pid") - t0 ))" -v us="$TICK_US" '/^ +[0-9]+ requests in/ {printf "%.1f", t * us / $1}')
   fi
   printf '| %-22s | %3s | %10s | %8s | %8s | %s | %s |\n' "${PAUSE:+paused }$1" "$3" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
   echo "${PAUSE:+paused-}$key $3 $ROUND $rps $(ms "$p50") $(ms "$p99") ${non2xx:-0} $cpu" >> "$WORK/rows"
@@ -115,6 +126,7 @@ runs() { # conns
   if want proxy; then run proxy "proxy (PayFence)" "http://$PF" "$1"; fi
   if want direct; then run direct "origin directly" "http://$ORIGIN" "$1"; fi
   if want nginx; then run nginx "nginx proxy_pass" "http://$NGINX_PROXY" "$1"; fi
+  if want bare; then run bare "bare hyper forwarder" "http://$BARE" "$1"; fi
 }
 for ROUND in $(seq "$ROUNDS"); do
   echo "Round $ROUND of $ROUNDS (\"paused\": at the fixed load)"
@@ -154,7 +166,7 @@ awk -v rounds="$ROUNDS" -v conns_list="$CONNS" "$MEDIAN"'
   END {
     nc = split(conns_list, cl, " ")
     for (ci = 1; ci <= nc; ci++) {
-      c = cl[ci]; a = ""; ar = ""; r = ""; d = ""; am = 0; rm = 0; dm = 0
+      c = cl[ci]; a = ""; ar = ""; r = ""; d = ""; b = ""; am = 0; rm = 0; dm = 0; bm = 0
       for (i = 1; i <= rounds; i++) {
         if (("authorize " c " " i) in rps) { x = rps["authorize " c " " i]; y = p99["authorize " c " " i]
           a = a " " y; am += (x >= 20000 && y <= 5); ar = ar " " x }
@@ -162,10 +174,13 @@ awk -v rounds="$ROUNDS" -v conns_list="$CONNS" "$MEDIAN"'
           x = rps["proxy " c " " i] / rps["nginx " c " " i]; r = r " " x; rm += (x >= 0.5) }
         if (("proxy " c " " i) in rps && ("direct " c " " i) in rps) {
           x = p99["proxy " c " " i] - p99["direct " c " " i]; d = d " " x; dm += (x <= 1) }
+        if (("bare " c " " i) in rps && ("direct " c " " i) in rps) {
+          x = p99["bare " c " " i] - p99["direct " c " " i]; b = b " " x; bm += (x <= 1) }
       }
       if (a != "") printf "| authorize >= 20,000 req/s, p99 <= 5 ms | %s | %.0f req/s, p99 %.2f ms | %d of %d | %s |\n", c, median(ar), median(a), am, rounds, verdict(median(ar) >= 20000 && median(a) <= 5)
       if (r != "") printf "| proxy >= 0.5x nginx req/s | %s | %.2fx | %d of %d | %s |\n", c, median(r), rm, rounds, verdict(median(r) >= 0.5)
       if (d != "") printf "| proxy adds <= 1 ms p99 over direct | %s | %+.2f ms | %d of %d | %s |\n", c, median(d), dm, rounds, verdict(median(d) <= 1)
+      if (b != "") printf "| (baseline) bare hyper forwarder adds <= 1 ms p99 over direct | %s | %+.2f ms | %d of %d | %s |\n", c, median(b), bm, rounds, verdict(median(b) <= 1)
     }
   }
 ' <(grep -v '^paused-' "$WORK/rows")
