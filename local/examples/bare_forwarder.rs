@@ -1,8 +1,8 @@
 //! A baseline for the load benchmark (`ONLY="... bare" bash bench/run.sh`): the HTTP
 //! shape of PayFence's proxy with nothing else. One single-threaded runtime per core
 //! serves HTTP/1.1 with hyper and forwards each request, streamed, to the origin
-//! through hyper-util's pooled client, as `payfence-local` does; no authorization, no
-//! signature, no audit, no log. What it costs per request on a machine is the floor
+//! through PayFence's own origin client and timeouts, as `payfence-local` does; no
+//! authorization, no signature, no audit, no log. What it costs per request on a machine is the floor
 //! for any hyper-based forwarder there (see docs/performance.md).
 //!
 //! ```sh
@@ -10,15 +10,16 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
+use axum::body::Body;
 use hyper::body::Incoming;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use payfence_core::config::Config;
+use payfence_core::origin::{origin_client, OriginClient};
+use payfence_local::server::runtime;
 use tokio::sync::mpsc;
-
-type Body = http_body_util::Either<Incoming, http_body_util::Empty<hyper::body::Bytes>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -29,30 +30,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some(s), Some(a)) => (s.clone(), a.clone()),
         _ => return Err(usage.into()),
     };
+    let config = Config::default();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut queues = Vec::new();
     for _ in 0..threads {
         let (tx, mut rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
         queues.push(tx);
-        let (scheme, authority) = (scheme.clone(), authority.clone());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let (scheme, authority, config) = (scheme.clone(), authority.clone(), config.clone());
+        let runtime = runtime()?;
         std::thread::spawn(move || {
             runtime.block_on(async move {
-                let mut http = HttpConnector::new();
-                http.set_nodelay(true);
-                let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-                    .pool_max_idle_per_host(256)
-                    .build(http);
+                // Like the proxy: one client per thread, private origins allowed locally.
+                let client = origin_client(true, config.origin_connect_timeout);
                 while let Some(stream) = rx.recv().await {
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                         continue;
                     };
                     let (client, scheme, authority) =
                         (client.clone(), scheme.clone(), authority.clone());
+                    let timeout = config.origin_timeout;
                     let forward = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        forward(client.clone(), scheme.clone(), authority.clone(), req)
+                        let request = upstream(scheme.clone(), authority.clone(), req);
+                        forward(client.clone(), timeout, request)
                     });
                     tokio::spawn(
                         hyper::server::conn::http1::Builder::new()
@@ -73,35 +72,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn forward(
-    client: Client<HttpConnector, Incoming>,
-    scheme: hyper::http::uri::Scheme,
-    authority: hyper::http::uri::Authority,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, std::convert::Infallible> {
+/// The request for the origin: the same path and query, headers and body.
+fn upstream(scheme: Scheme, authority: Authority, req: Request<Incoming>) -> Option<Request<Body>> {
     let path = req
         .uri()
         .path_and_query()
         .cloned()
-        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let uri = Uri::builder()
         .scheme(scheme)
         .authority(authority)
         .path_and_query(path)
-        .build();
-    let status = match uri {
-        Ok(uri) => {
-            *req.uri_mut() = uri;
-            req.headers_mut().remove(hyper::header::HOST);
-            match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
-                Ok(Ok(res)) => return Ok(res.map(http_body_util::Either::Left)),
-                Ok(Err(_)) => StatusCode::BAD_GATEWAY,
-                Err(_) => StatusCode::GATEWAY_TIMEOUT,
-            }
-        }
-        Err(_) => StatusCode::BAD_REQUEST,
+        .build()
+        .ok()?;
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri;
+    parts.headers.remove(hyper::header::HOST);
+    Some(Request::from_parts(parts, Body::new(body)))
+}
+
+async fn forward(
+    client: OriginClient,
+    timeout: std::time::Duration,
+    request: Option<Request<Body>>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let status = match request {
+        None => StatusCode::BAD_REQUEST,
+        Some(request) => match tokio::time::timeout(timeout, client.request(request)).await {
+            Ok(Ok(res)) => return Ok(res.map(Body::new)),
+            Ok(Err(_)) => StatusCode::BAD_GATEWAY,
+            Err(_) => StatusCode::GATEWAY_TIMEOUT,
+        },
     };
-    let mut res = Response::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+    let mut res = Response::new(Body::empty());
     *res.status_mut() = status;
     Ok(res)
 }
