@@ -25,11 +25,12 @@ ONLY="${ONLY:-authorize proxy direct nginx}"
 UPLOAD="${UPLOAD:-1}"
 ROUNDS="${ROUNDS:-3}"
 PAUSED="${PAUSED:-1}"; PAUSED_CONNS="${PAUSED_CONNS:-64}"; PAUSE_MS="${PAUSE_MS:-10}"
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 if [ -z "${BIN:-}" ]; then
   cargo build --profile "$PROFILE" -q -p payfence-local
   BIN="$CARGO_TARGET_DIR/$PROFILE/payfence-local"
 fi
-if [[ " $ONLY " == *" bare "* ]]; then
+if want bare; then
   cargo build --profile "$PROFILE" -q -p payfence-local --example bare_forwarder
 fi
 WORK=$(mktemp -d)
@@ -59,7 +60,7 @@ nginx -p "$WORK" -c nginx.conf
 
 "$BIN" --listen $PF --data-dir "$WORK/data" --allow-http-origins >"$WORK/pf.out" 2>/dev/null &
 PF_PID=$!
-if [[ " $ONLY " == *" bare "* ]]; then
+if want bare; then
   "$CARGO_TARGET_DIR/$PROFILE/examples/bare_forwarder" $BARE "http://$ORIGIN" >/dev/null &
   BARE_PID=$!
 fi
@@ -120,7 +121,6 @@ run() { # key name url conns
   echo "${PAUSE:+paused-}$key $3 $ROUND $rps $(ms "$p50") $(ms "$p99") ${non2xx:-0} $cpu" >> "$WORK/rows"
 }
 ms() { echo "$1" | awk '/us$/ {print $1 / 1000; next} /ms$/ {print $1 + 0; next} /s$/ {print $1 * 1000}'; }
-want() { [[ " $ONLY " == *" $1 "* ]]; }
 runs() { # conns
   if want authorize; then run authorize "authorize (middleware)" "http://$PF" "$1"; fi
   if want proxy; then run proxy "proxy (PayFence)" "http://$PF" "$1"; fi
