@@ -663,7 +663,7 @@ async fn one_audit_record_per_decision() {
 }
 
 #[tokio::test]
-async fn over_long_targets_and_methods_are_refused_and_never_recorded() {
+async fn over_long_targets_and_other_methods_are_refused_and_never_recorded() {
     let app = spawn_app().await;
     let s = app.setup(600, 1000).await;
     // `/p/{site_id}` and the rest: 8,192 bytes in all is the longest taken.
@@ -681,27 +681,45 @@ async fn over_long_targets_and_methods_are_refused_and_never_recorded() {
         );
         assert!(header(&res, "x-payfence-request-id").is_some());
     }
-    // A method of 32 bytes is forwarded; a longer one is 501 (RFC 9112 §3).
-    let method = |len: usize| reqwest::Method::from_bytes("X".repeat(len).as_bytes()).unwrap();
-    let send = |len: usize, token: &str| {
+    // The methods CloudFront passes are proxied; any other (`TRACE`, which would echo
+    // the signed request, or one of 32 bytes) is 405 with `Allow`, and one over 32
+    // bytes is 501 (RFC 9112 §3). None of those reaches the origin or is recorded.
+    let send = |method: reqwest::Method, token: &str| {
         app.http
-            .request(method(len), app.url(&format!("/p/{}/v1/x", s.site_id)))
+            .request(method, app.url(&format!("/p/{}/v1/x", s.site_id)))
             .header("x-payfence-token", token)
             .send()
     };
-    assert_eq!(send(32, &s.token).await.unwrap().status(), 200);
-    assert_eq!(s.origin.last().method, "X".repeat(32));
+    for m in ["GET", "HEAD", "OPTIONS", "PUT", "PATCH", "POST", "DELETE"] {
+        let res = send(m.parse().unwrap(), &s.token).await.unwrap();
+        assert_eq!(res.status(), 200, "{m}");
+        assert_eq!(s.origin.last().method, m);
+    }
+    let method = |len: usize| reqwest::Method::from_bytes("X".repeat(len).as_bytes()).unwrap();
     for token in [s.token.as_str(), "garbage"] {
-        let res = send(33, token).await.unwrap();
+        for m in [reqwest::Method::TRACE, method(32)] {
+            let res = send(m.clone(), token).await.unwrap();
+            assert_eq!(res.status(), 405, "{m}");
+            assert_eq!(
+                header(&res, "content-type"),
+                Some("application/problem+json")
+            );
+            let allow = header(&res, "allow").unwrap();
+            for m in ["GET", "HEAD", "OPTIONS", "PUT", "PATCH", "POST", "DELETE"] {
+                assert!(allow.contains(m), "{allow}");
+            }
+            assert!(!allow.contains("TRACE"), "{allow}");
+        }
+        let res = send(method(33), token).await.unwrap();
         assert_eq!(res.status(), 501);
         assert_eq!(
             header(&res, "content-type"),
             Some("application/problem+json")
         );
     }
-    assert_eq!(s.origin.count(), 2);
+    assert_eq!(s.origin.count(), 8);
     let logs = app.logs(&s.owner, &s.site_id, "").await;
-    assert_eq!(logs["items"].as_array().unwrap().len(), 2, "{logs}");
+    assert_eq!(logs["items"].as_array().unwrap().len(), 8, "{logs}");
     // Every route: nothing past the limit is served.
     let res = app
         .http

@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::from_fn;
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{on, MethodFilter};
 use axum::Router;
 use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, LOCATION, WWW_AUTHENTICATE,
@@ -46,6 +46,18 @@ struct ProxyState {
     timeout: Duration,
 }
 
+/// The methods proxied: those CloudFront passes to `/p/*` (`template.yaml`), so the
+/// local server forwards what a deployment does. Any other gets `405` with `Allow`
+/// (CloudFront's own answer is `403`), among them `TRACE`, whose echo would show the
+/// consumer the signed request as the origin received it, the origin's host name too.
+const PROXIED: MethodFilter = MethodFilter::GET
+    .or(MethodFilter::HEAD)
+    .or(MethodFilter::OPTIONS)
+    .or(MethodFilter::PUT)
+    .or(MethodFilter::PATCH)
+    .or(MethodFilter::POST)
+    .or(MethodFilter::DELETE);
+
 pub fn router(state: AppState) -> Router {
     let client = origin_client(
         state.config.allow_http_origins,
@@ -53,9 +65,9 @@ pub fn router(state: AppState) -> Router {
     );
     let timeout = state.config.origin_timeout;
     Router::new()
-        .route("/p/{site_id}", any(proxy))
-        .route("/p/{site_id}/", any(proxy))
-        .route("/p/{site_id}/{*rest}", any(proxy))
+        .route("/p/{site_id}", on(PROXIED, proxy))
+        .route("/p/{site_id}/", on(PROXIED, proxy))
+        .route("/p/{site_id}/{*rest}", on(PROXIED, proxy))
         // Shared, not cloned per request.
         .with_state(Arc::new(ProxyState {
             app: state,
