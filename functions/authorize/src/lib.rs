@@ -17,8 +17,7 @@ use payfence_core::http::{
     MAX_JSON_BODY_BYTES, MAX_TARGET_BYTES,
 };
 use payfence_core::{ids, AppState};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,22 +47,55 @@ fn valid_path(p: &str) -> bool {
     p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_control() || b == b' ')
 }
 
-/// The decision body of API.md "Middleware mode".
-pub fn decision_body(d: &Decision) -> serde_json::Value {
-    let resolved = d.limits.is_some();
-    json!({
-        "decision": if d.allowed { "allow" } else { "deny" },
-        "reason": d.reason.map(|r| r.as_str()),
-        "token_id": d.token_id,
-        "plan": d.plan,
-        "limit": d.limits.map(|l| json!({
-            "requests_per_minute": l.requests_per_minute,
-            "monthly_quota": l.monthly_quota,
-        })),
-        "remaining": resolved.then(|| json!({"minute": d.remaining_minute, "quota": d.remaining_quota})),
-        "reset": resolved.then(|| json!({"minute": d.reset_minute, "quota": d.reset_quota})),
-        "retry_after": d.retry_after,
-    })
+/// The decision body of API.md "Middleware mode", serialised straight from the
+/// decision (fields in alphabetical order, as they always were).
+#[derive(Serialize)]
+struct DecisionBody<'a> {
+    decision: &'static str,
+    limit: Option<Limit>,
+    plan: &'a Option<String>,
+    reason: Option<&'static str>,
+    remaining: Option<Pair>,
+    reset: Option<Pair>,
+    retry_after: Option<u64>,
+    token_id: &'a Option<String>,
+}
+
+#[derive(Serialize)]
+struct Limit {
+    monthly_quota: u64,
+    requests_per_minute: u64,
+}
+
+#[derive(Serialize)]
+struct Pair {
+    minute: u64,
+    quota: u64,
+}
+
+impl<'a> DecisionBody<'a> {
+    fn new(d: &'a Decision) -> Self {
+        let resolved = d.limits.is_some();
+        Self {
+            decision: if d.allowed { "allow" } else { "deny" },
+            limit: d.limits.map(|l| Limit {
+                monthly_quota: l.monthly_quota,
+                requests_per_minute: l.requests_per_minute,
+            }),
+            plan: &d.plan,
+            reason: d.reason.map(|r| r.as_str()),
+            remaining: resolved.then_some(Pair {
+                minute: d.remaining_minute,
+                quota: d.remaining_quota,
+            }),
+            reset: resolved.then_some(Pair {
+                minute: d.reset_minute,
+                quota: d.reset_quota,
+            }),
+            retry_after: d.retry_after,
+            token_id: &d.token_id,
+        }
+    }
 }
 
 async fn authorize(
@@ -126,7 +158,7 @@ async fn authorize(
         .await?;
     authorized.durable.await?;
     let d = authorized.decision;
-    let mut res = json(http::StatusCode::OK, &decision_body(&d));
+    let mut res = json(http::StatusCode::OK, &DecisionBody::new(&d));
     decision_headers(res.headers_mut(), &d);
     res.extensions_mut().insert(LogFields {
         site_id: Some(site.site.site_id.clone()),
@@ -137,4 +169,41 @@ async fn authorize(
         ..Default::default()
     });
     Ok(res.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use payfence_core::domain::Reason;
+    use payfence_core::limits::PlanLimits;
+
+    #[test]
+    fn decision_bodies_have_every_field_of_api_md() {
+        let allow = Decision {
+            allowed: true,
+            token_id: Some("tok_1".into()),
+            plan: Some("pro".into()),
+            limits: Some(PlanLimits {
+                requests_per_minute: 60,
+                monthly_quota: 1000,
+            }),
+            remaining_minute: 59,
+            remaining_quota: 999,
+            reset_minute: 1_796_486_360,
+            reset_quota: 1_798_761_600,
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&DecisionBody::new(&allow)).unwrap(),
+            r#"{"decision":"allow","limit":{"monthly_quota":1000,"requests_per_minute":60},"plan":"pro","reason":null,"remaining":{"minute":59,"quota":999},"reset":{"minute":1796486360,"quota":1798761600},"retry_after":null,"token_id":"tok_1"}"#
+        );
+        let deny = Decision {
+            reason: Some(Reason::MissingToken),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&DecisionBody::new(&deny)).unwrap(),
+            r#"{"decision":"deny","limit":null,"plan":null,"reason":"missing_token","remaining":null,"reset":null,"retry_after":null,"token_id":null}"#
+        );
+    }
 }
