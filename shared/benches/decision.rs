@@ -1,6 +1,7 @@
 //! What one decision costs without HTTP: the pure limits arithmetic, the audit path,
 //! and a warm allow on the embedded store (token lookup, rate and quota check, the
-//! write-ahead log entry), alone and 64 at a time up to their durable commit.
+//! write-ahead log entry), alone and 64 at a time up to their durable commit; and
+//! parsing an authorize request's body.
 //! `cargo bench -p payfence-core --bench decision`; figures in docs/performance.md.
 
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use futures_util::future::join_all;
 use payfence_core::domain::{now_ms, Mode};
 use payfence_core::gateway::{audit_path, AuthorizeRequest, Gateway, SiteView};
+use payfence_core::http::parse_json;
 use payfence_core::limits::{evaluate, PlanLimits, SecondWindow, TokenUsage};
 
 /// Tokens used in turn, so that none nears its 10,000 a minute in a bench run.
@@ -40,6 +42,20 @@ fn pure(c: &mut Criterion) {
                 &secret,
             )
         })
+    });
+    // The shape of `POST /v1/authorize`'s body.
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct AuthorizeBody {
+        token: Option<String>,
+        method: String,
+        path: String,
+        client_ip: Option<String>,
+    }
+    let body = br#"{"token":"pf_live_gha8uz6HK4QL_P_H46eL_ffs7qyxA5sgkrA3vr5y6dk","method":"GET","path":"/v1/flights"}"#;
+    c.bench_function("parse_json, an authorize body", |b| {
+        b.iter(|| parse_json::<AuthorizeBody>(black_box(body)).unwrap())
     });
 }
 
