@@ -49,13 +49,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let (client, scheme, authority) =
                         (client.clone(), scheme.clone(), authority.clone());
                     let timeout = config.origin_timeout;
-                    let forward = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let request = upstream(scheme.clone(), authority.clone(), req);
                         forward(client.clone(), timeout, request)
                     });
                     tokio::spawn(
                         hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), forward),
+                            .serve_connection(TokioIo::new(stream), service),
                     );
                 }
             })
