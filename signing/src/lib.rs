@@ -24,7 +24,6 @@
 //!     .is_ok());
 //! ```
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,33 +50,72 @@ pub fn string_to_sign(method: &str, path_and_query: &str, timestamp: u64) -> Str
     format!("{method}\n{path_and_query}\n{timestamp}")
 }
 
-fn mac(secret: &[u8], method: &str, path_and_query: &str, timestamp: u64) -> HmacSha256 {
+/// `n` in decimal, written to the end of `buf` (20 digits hold any `u64`).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// HMAC-SHA256 keyed with `secret`, before any message.
+fn keyed(secret: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(string_to_sign(method, path_and_query, timestamp).as_bytes());
+    HmacSha256::new_from_slice(secret).expect("HMAC takes any key length")
+}
+
+/// `string_to_sign`, fed in pieces rather than built.
+fn feed(mut mac: HmacSha256, method: &str, path_and_query: &str, timestamp: u64) -> HmacSha256 {
+    mac.update(method.as_bytes());
+    mac.update(b"\n");
+    mac.update(path_and_query.as_bytes());
+    mac.update(b"\n");
+    let mut digits = [0; 20];
+    mac.update(decimal(timestamp, &mut digits));
     mac
 }
 
+/// Length of one `sha256=<hex>` signature.
+const SIGNATURE_LEN: usize = 7 + 64;
+
 /// One `sha256=<hex>` signature.
 pub fn signature(secret: &str, method: &str, path_and_query: &str, timestamp: u64) -> String {
-    let tag = mac(secret.as_bytes(), method, path_and_query, timestamp)
+    let mut out = String::with_capacity(SIGNATURE_LEN);
+    push_signature(&mut out, secret, method, path_and_query, timestamp);
+    out
+}
+
+fn push_signature(
+    out: &mut String,
+    secret: &str,
+    method: &str,
+    path_and_query: &str,
+    timestamp: u64,
+) {
+    let tag = feed(keyed(secret.as_bytes()), method, path_and_query, timestamp)
         .finalize()
         .into_bytes();
-    let mut out = String::with_capacity(7 + 64);
+    let mut hex = [0; 64];
+    hex::encode_to_slice(tag, &mut hex).expect("64 hex digits for 32 bytes");
     out.push_str("sha256=");
-    for b in tag {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    out.push_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
 }
 
 /// The `X-PayFence-Signature` value for one or more secrets (newest first).
 pub fn sign(secrets: &[&str], method: &str, path_and_query: &str, timestamp: u64) -> String {
-    secrets
-        .iter()
-        .map(|s| signature(s, method, path_and_query, timestamp))
-        .collect::<Vec<_>>()
-        .join(",")
+    let mut out = String::with_capacity(secrets.len() * (SIGNATURE_LEN + 1));
+    for (i, secret) in secrets.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_signature(&mut out, secret, method, path_and_query, timestamp);
+    }
+    out
 }
 
 /// Why a request was rejected.
@@ -100,7 +138,8 @@ pub enum VerifyError {
 /// Verifies PayFence signatures with one or more secrets.
 #[derive(Clone)]
 pub struct Verifier {
-    secrets: Vec<Vec<u8>>,
+    /// An HMAC keyed with each secret, cloned for each check.
+    secrets: Vec<HmacSha256>,
     replay_window_secs: u64,
 }
 
@@ -117,14 +156,14 @@ impl Verifier {
     /// A verifier for one signing secret with the default 300 s replay window.
     pub fn new(secret: impl AsRef<str>) -> Self {
         Self {
-            secrets: vec![secret.as_ref().as_bytes().to_vec()],
+            secrets: vec![keyed(secret.as_ref().as_bytes())],
             replay_window_secs: DEFAULT_REPLAY_WINDOW_SECS,
         }
     }
 
     /// Also accept another secret (e.g. the new one while you roll a rotation out).
     pub fn with_secret(mut self, secret: impl AsRef<str>) -> Self {
-        self.secrets.push(secret.as_ref().as_bytes().to_vec());
+        self.secrets.push(keyed(secret.as_ref().as_bytes()));
         self
     }
 
@@ -153,23 +192,23 @@ impl Verifier {
         if skew > self.replay_window_secs {
             return Err(VerifyError::Stale { skew_secs: skew });
         }
-        let mut tags = Vec::new();
+        let mut tags = [[0; 32]; MAX_SIGNATURES];
+        let mut n = 0;
         for part in signature.split(',').take(MAX_SIGNATURES) {
             let hex_tag = part
                 .trim()
                 .strip_prefix("sha256=")
                 .ok_or(VerifyError::MalformedSignature)?;
-            let tag = hex::decode(hex_tag).map_err(|_| VerifyError::MalformedSignature)?;
-            if tag.len() != 32 {
-                return Err(VerifyError::MalformedSignature);
-            }
-            tags.push(tag);
+            // Exactly 64 hex digits: anything else is malformed.
+            hex::decode_to_slice(hex_tag, &mut tags[n])
+                .map_err(|_| VerifyError::MalformedSignature)?;
+            n += 1;
         }
         // Check every (secret, signature) pair without an early exit, in constant time.
         let mut ok = false;
         for secret in &self.secrets {
-            for tag in &tags {
-                ok |= mac(secret, method, path_and_query, ts)
+            for tag in &tags[..n] {
+                ok |= feed(secret.clone(), method, path_and_query, ts)
                     .verify_slice(tag)
                     .is_ok();
             }
@@ -405,7 +444,35 @@ mod tests {
         }
     }
 
+    /// The HMAC of `string_to_sign` as one string, hex-encoded: what the scheme
+    /// says, computed without the pieces `mac` feeds.
+    fn reference_signature(secret: &str, method: &str, pq: &str, ts: u64) -> String {
+        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(string_to_sign(method, pq, ts).as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn timestamps_at_the_edges_sign_as_the_scheme_says() {
+        for ts in [0, 9, 10, 1_700_000_000, u64::MAX] {
+            assert_eq!(
+                signature(SECRET, "GET", "/", ts),
+                reference_signature(SECRET, "GET", "/", ts)
+            );
+        }
+    }
+
     proptest! {
+        #[test]
+        fn signs_the_string_to_sign(method in "[A-Z]{1,10}", pq in "/\\PC{0,40}", ts: u64, secrets in proptest::collection::vec("\\PC{0,30}", 1..4)) {
+            let expected: Vec<String> = secrets
+                .iter()
+                .map(|s| reference_signature(s, &method, &pq, ts))
+                .collect();
+            let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+            prop_assert_eq!(sign(&refs, &method, &pq, ts), expected.join(","));
+        }
+
         #[test]
         fn any_change_is_rejected(method in "[A-Z]{3,7}", path in "/[a-z0-9/]{0,20}", query in "[a-z0-9=&]{0,10}", flip in 0usize..3) {
             let pq = if query.is_empty() { path.clone() } else { format!("{path}?{query}") };
