@@ -2,8 +2,8 @@
 //! shape of PayFence's proxy with nothing else. One single-threaded runtime per core
 //! serves HTTP/1.1 with hyper and forwards each request, streamed, to the origin
 //! through PayFence's own origin client and timeouts, as `payfence-local` does; no
-//! authorization, no signature, no audit, no log. What it costs per request on a machine is the floor
-//! for any hyper-based forwarder there (see docs/performance.md).
+//! authorization, no signature, no audit, no log. What it costs per request on a
+//! machine is the floor for any hyper-based forwarder there (see docs/performance.md).
 //!
 //! ```sh
 //! cargo run --release -p payfence-local --example bare_forwarder -- 127.0.0.1:18083 http://127.0.0.1:18081

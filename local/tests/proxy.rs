@@ -706,8 +706,8 @@ async fn over_long_targets_and_other_methods_are_refused_and_never_recorded() {
                 Some("application/problem+json")
             );
             let allow = header(&res, "allow").unwrap();
-            for m in proxied {
-                assert!(allow.contains(m), "{allow}");
+            for p in proxied {
+                assert!(allow.contains(p), "{allow}");
             }
             assert!(!allow.contains("TRACE"), "{allow}");
         }

@@ -445,7 +445,7 @@ mod tests {
     }
 
     /// The HMAC of `string_to_sign` as one string, hex-encoded: what the scheme
-    /// says, computed without the pieces `mac` feeds.
+    /// says, computed without the pieces `feed` writes.
     fn reference_signature(secret: &str, method: &str, pq: &str, ts: u64) -> String {
         let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
         mac.update(string_to_sign(method, pq, ts).as_bytes());
